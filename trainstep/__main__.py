@@ -1,0 +1,3 @@
+from trainstep.cli import entry_point
+
+entry_point()
