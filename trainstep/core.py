@@ -104,7 +104,7 @@ def gradient_step(loss_fn: LossFn, optimizer: OptimizerLike, *, has_aux: bool = 
         tx = _resolve_optimizer(optimizer, hparams)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.abs(g) ** 2) for g in jax.tree.leaves(grads)))}
         if aux:
             if not isinstance(aux, dict):
                 raise TypeError(f"loss_fn's aux must be a dict of metrics or None, got {type(aux).__name__}")

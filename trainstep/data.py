@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import zipfile
+import zlib
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -138,9 +139,13 @@ def load_npz(path: str, required: Sequence[str], optional: Optional[Sequence[str
             try:
                 out[k] = archive[k]
             except ValueError as e:
+                if "pickle" not in str(e):
+                    raise DataError(f"{source}: key '{k}': unreadable array, the file is corrupt ({e})") from None
                 raise DataError(
                     f"{source}: key '{k}': cannot be loaded without pickle (object arrays are refused): {e}"
                 ) from None
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                raise DataError(f"{source}: key '{k}': unreadable array, the file is corrupt ({e})") from None
     return out
 
 
@@ -203,7 +208,8 @@ def load_mnist1d(val_fraction: float = 0.1, split_seed: int = 0, *, num_samples:
       split_seed: seed of that carving.
       num_samples, data_seed: the generator's arguments (defaults give the published dataset).
     """
-    x, y, xt, yt = _mnist1d_arrays(num_samples, data_seed)
+    # Copies: the cached arrays must not be changed by callers modifying the returned ones in place.
+    x, y, xt, yt = (a.copy() for a in _mnist1d_arrays(num_samples, data_seed))
     return _carve_validation("mnist1d", x, y, xt, yt, val_fraction, split_seed, 10)
 
 
@@ -232,7 +238,7 @@ def load_classification_npz(path: str, val_fraction: float = 0.1, test_fraction:
         _require_keys(source, arrays, ["X", "y"])
         x = check_features(arrays["X"], source=source, key="X")
         y = check_class_labels(arrays["y"], len(x), source=source, key="y")
-        test_idx, val_idx, train_idx = _split_indices(len(y), [test_fraction, val_fraction], split_seed)
+        test_idx, val_idx, train_idx = _split_indices(len(y), [test_fraction, val_fraction], split_seed, labels=y)
         parts = {"train": train_idx, "val": val_idx, "test": test_idx}
         arrays = {f"X_{s}": x[i] for s, i in parts.items()} | {f"y_{s}": y[i] for s, i in parts.items()}
     else:
