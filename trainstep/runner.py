@@ -40,9 +40,8 @@ class NonFiniteLossError(RuntimeError):
 
     def __init__(self, step: int, what: str = "loss"):
         self.step = int(step)
-        super().__init__(
-            f"non-finite {what} at step {self.step}: training stopped; the last finite checkpoint was kept"
-        )
+        where = f"at step {self.step}" if what == "loss" else f"after step {self.step} (checked once per chunk)"
+        super().__init__(f"non-finite {what} {where}: training stopped; the last finite checkpoint was kept")
 
 
 class RunOutput(NamedTuple):
