@@ -51,6 +51,11 @@ def _resolve_optimizer(optimizer: OptimizerLike, hparams: PyTree) -> optax.Gradi
     if isinstance(optimizer, optax.GradientTransformation):
         return optimizer
     if callable(optimizer):
+        if hparams is None:
+            raise TypeError(
+                "this step's optimizer is a function of the hyperparameters: call init(params, hparams) "
+                "and pass hparams to the step"
+            )
         tx = optimizer(hparams)
         if not isinstance(tx, optax.GradientTransformation):
             raise TypeError(

@@ -1,0 +1,30 @@
+"""The experiments ``make reproduce`` runs, in report order. Paper packages append theirs here."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+
+class Section(NamedTuple):
+    """What an experiment contributes to ``results/REPORT.md``."""
+
+    title: str
+    markdown: str  # tables and text; image links relative to the results folder
+
+
+class Experiment(NamedTuple):
+    name: str  # folder under results/
+    module: str  # module with run(out_dir: str, scale: str) -> Section
+
+
+EXPERIMENTS: list[Experiment] = [
+    Experiment("trainstep_baselines", "experiments.trainstep_baselines"),
+]
+
+SCALES = ("small", "large")
+
+
+def load(experiment: Experiment) -> Callable[[str, str], Section]:
+    import importlib
+
+    return importlib.import_module(experiment.module).run
