@@ -6,8 +6,8 @@ A training step is a pure function ``step(state, batch, hparams, key) -> (state,
 
 from trainstep.core import TrainState, TrainStep, gradient_step, unroll
 from trainstep.data import (
-    Dataset,
     DataError,
+    Dataset,
     load_dataset,
     load_digits,
     load_mnist1d,

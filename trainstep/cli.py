@@ -11,7 +11,8 @@ import argparse
 import math
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 from trainstep.data import DataError
 from trainstep.runner import ConfigError, NonFiniteLossError

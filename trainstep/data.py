@@ -12,7 +12,8 @@ import functools
 import os
 import zipfile
 import zlib
-from typing import Callable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp

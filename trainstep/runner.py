@@ -16,8 +16,9 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import metadata
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +39,12 @@ class ConfigError(ValueError):
 class NonFiniteLossError(RuntimeError):
     """Training produced a non-finite loss; ``step`` is the global index of the first bad step."""
 
-    def __init__(self, step: int, what: str = "loss"):
+    def __init__(self, step: int, what: str = "loss", checkpoint_step: Optional[int] = None):
         self.step = int(step)
         where = f"at step {self.step}" if what == "loss" else f"after step {self.step} (checked once per chunk)"
-        super().__init__(f"non-finite {what} {where}: training stopped; the last finite checkpoint was kept")
+        kept = ("no checkpoint had been written" if checkpoint_step is None
+                else f"the last finite checkpoint (after {checkpoint_step} steps) was kept")
+        super().__init__(f"non-finite {what} {where}: training stopped; {kept}")
 
 
 class RunOutput(NamedTuple):
@@ -225,6 +228,7 @@ def run_chunked(
             done, wall_before = int(latest), float(restored["wall_s"])
 
     resumed_from = done
+    saved = done if done > 0 else None
 
     # Only two chunk lengths ever compile: chunk_size and the remainder.
     @functools.partial(jax.jit, static_argnums=3)
@@ -242,9 +246,9 @@ def run_chunked(
             loss = np.asarray(metrics["loss"])
             bad = ~np.isfinite(loss)
             if bad.any():
-                raise NonFiniteLossError(done + int(np.argmax(bad)))
+                raise NonFiniteLossError(done + int(np.argmax(bad)), checkpoint_step=saved)
             if not _all_finite(new_state):
-                raise NonFiniteLossError(done + n - 1, what="training state")
+                raise NonFiniteLossError(done + n - 1, what="training state", checkpoint_step=saved)
             for k, v in metrics.items():
                 history[k][done:done + n] = v
             state, done = new_state, done + n
@@ -255,6 +259,7 @@ def run_chunked(
                 tree = {"state": state, "history": history, "wall_s": np.asarray(wall, np.float64)}
                 manager.save(done, args=ocp.args.StandardSave(tree))
                 manager.wait_until_finished()
+                saved = done
             bar.update(n)
             bar.set_postfix(loss=f"{float(np.mean(loss)):.4g}")
             if on_chunk is not None:
