@@ -206,3 +206,9 @@ def test_trainstep_is_a_plain_namedtuple_of_functions():
     # The state is a pytree: it goes through jit and tree utilities untouched.
     s = jax.jit(lambda s: s)(ts.init(jnp.zeros(2)))
     assert isinstance(s, TrainState)
+
+
+def test_conftest_gives_eight_cpu_devices_and_strict_rank_promotion():
+    assert jax.device_count() == 8
+    with pytest.raises(ValueError, match="jax_numpy_rank_promotion=.raise."):
+        jnp.ones(3) + jnp.ones((2, 3))

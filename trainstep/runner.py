@@ -76,6 +76,7 @@ def write_json_atomic(path: str, obj) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make results unreadable to others
         with os.fdopen(fd, "w") as f:
             json.dump(to_jsonable(obj), f, indent=2, sort_keys=False, allow_nan=True)
             f.write("\n")
