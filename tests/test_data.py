@@ -477,3 +477,14 @@ def test_load_npz_refuses_object_arrays_even_if_not_required(tmp_path):
 
 def test_data_error_is_value_error():
     assert issubclass(DataError, ValueError)
+
+
+def test_minibatch_fn_precomputed_epochs_give_the_same_batches():
+    """num_steps= only moves the permutations out of the loop; beyond num_steps it falls back."""
+    x = jnp.arange(50 * 2.0).reshape(50, 2)
+    y = jnp.arange(50)
+    key = jax.random.key(3)
+    lazy = D.minibatch_fn((x, y), 8, key=key)
+    eager = D.minibatch_fn((x, y), 8, key=key, num_steps=20)
+    run = lambda bf: jax.jit(lambda: jax.lax.map(lambda t: bf(None, t)[1], jnp.arange(40)))()
+    np.testing.assert_array_equal(run(lazy), run(eager))

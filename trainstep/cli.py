@@ -105,7 +105,8 @@ def train_classifier(config: dict, out_dir: Optional[str], *, checkpoint_every: 
     init_key, train_key, shuffle_key = jax.random.split(jax.random.key(config["seed"]), 3)
     params = model.init(init_key, jnp.zeros((1, data.num_features), jnp.float32))
     state = ts.init(params, hparams)
-    batch_fn = minibatch_fn((data.x_train, data.y_train), config["batch"], mode="epoch", key=shuffle_key)
+    batch_fn = minibatch_fn((data.x_train, data.y_train), config["batch"], mode="epoch", key=shuffle_key,
+                            num_steps=config["steps"])
 
     run = run_chunked(ts, state, hparams, key=train_key, num_steps=config["steps"], batch_fn=batch_fn,
                       out_dir=out_dir, config=config, chunk_size=checkpoint_every,

@@ -397,8 +397,8 @@ def ridge_optimal_lambda(problem: RidgeProblem, *, low: float = 1e-6, high: floa
 # Minibatches inside jit
 
 
-def minibatch_fn(arrays, batch_size: int, *, mode: str = "epoch",
-                 key: Optional[jax.Array] = None) -> Callable[[jax.Array, jax.Array], tuple]:
+def minibatch_fn(arrays, batch_size: int, *, mode: str = "epoch", key: Optional[jax.Array] = None,
+                 num_steps: Optional[int] = None) -> Callable[[jax.Array, jax.Array], tuple]:
     """A ``batch_fn(key, t)`` for :func:`trainstep.unroll` that samples from device arrays.
 
     Args:
@@ -409,6 +409,14 @@ def minibatch_fn(arrays, batch_size: int, *, mode: str = "epoch",
         batch of each epoch; ``"iid"`` draws every minibatch independently with replacement from
         the step's key.
       key: base key of the per-epoch permutations (``"epoch"`` mode).
+      num_steps: in ``"epoch"`` mode, the number of steps the run will take, if known: the
+        permutations of those epochs are then computed once, up front, instead of at every step
+        (a sort of the whole index set per step otherwise dominates small models). The batches
+        are the same either way; steps beyond ``num_steps`` fall back to computing.
+
+    Example:
+      >>> batch_fn = minibatch_fn((x, y), 100, key=jax.random.key(0), num_steps=6000)
+      >>> unroll(ts, state, hp, key=k, num_steps=6000, batch_fn=batch_fn)
     """
     leaves = jax.tree.leaves(arrays)
     n = int(leaves[0].shape[0])
@@ -427,11 +435,20 @@ def minibatch_fn(arrays, batch_size: int, *, mode: str = "epoch",
     if key is None:
         raise ValueError("minibatch_fn(mode='epoch') needs key= (the seed of the per-epoch shuffles)")
     per_epoch = n // batch_size
+    permutation = lambda epoch: jax.random.permutation(jax.random.fold_in(key, epoch), n).astype(jnp.int32)
+    table = None
+    if num_steps is not None:
+        num_epochs = max(1, -(-int(num_steps) // per_epoch))
+        table = jax.jit(jax.vmap(permutation))(jnp.arange(num_epochs, dtype=jnp.int32))
 
     def batch_fn(k, t):
         del k
         epoch, pos = t // per_epoch, t % per_epoch
-        perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+        if table is None:
+            perm = permutation(epoch)
+        else:
+            perm = jax.lax.cond(epoch < table.shape[0],
+                                lambda e: table[jnp.minimum(e, table.shape[0] - 1)], permutation, epoch)
         idx = jax.lax.dynamic_slice_in_dim(perm, pos * batch_size, batch_size)
         return jax.tree.map(lambda a: a[idx], arrays)
 
