@@ -56,17 +56,16 @@ def unrolled_validation_loss(
     else:
         total = num_steps
     if truncation is None or truncation >= total:
-        final, _ = unroll(step, state, hparams, key=key, num_steps=None if batches is not None else total,
-                          batches=batches, batch_fn=batch_fn, checkpoint=checkpoint)
+        final, _ = unroll(step, state, hparams, key=key, num_steps=total, batches=batches, batch_fn=batch_fn,
+                          checkpoint=checkpoint)
         return val_fn(final), final
     if truncation < 1:
         raise ValueError(f"truncation must be >= 1 (or None for the full hypergradient), got {truncation}")
     head = total - truncation
-    mid, _ = unroll(step, state, jax.lax.stop_gradient(hparams), key=key,
-                    num_steps=None if batches is not None else head,
+    mid, _ = unroll(step, state, jax.lax.stop_gradient(hparams), key=key, num_steps=head,
                     batches=_slice_batches(batches, 0, head), batch_fn=batch_fn)
     mid = jax.lax.stop_gradient(mid)
-    final, _ = unroll(step, mid, hparams, key=key, num_steps=None if batches is not None else truncation,
+    final, _ = unroll(step, mid, hparams, key=key, num_steps=truncation,
                       batches=_slice_batches(batches, head, total), batch_fn=batch_fn,
                       checkpoint=checkpoint, step_offset=head)
     return val_fn(final), final

@@ -214,12 +214,12 @@ def run_chunked(
 
     manager = None
     if out_dir is not None:
+        import orbax.checkpoint as ocp  # imported lazily: runs without out_dir never need it
+
         _check_run_config(out_dir, config)
         manager = _checkpoint_manager(out_dir)
         latest = manager.latest_step()
         if latest is not None:
-            import orbax.checkpoint as ocp
-
             template = {"state": state, "history": history, "wall_s": np.zeros((), np.float64)}
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
             restored = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
@@ -255,8 +255,6 @@ def run_chunked(
             state, done = new_state, done + n
             wall = wall_before + time.perf_counter() - start
             if manager is not None:
-                import orbax.checkpoint as ocp
-
                 tree = {"state": state, "history": history, "wall_s": np.asarray(wall, np.float64)}
                 manager.save(done, args=ocp.args.StandardSave(tree))
                 manager.wait_until_finished()
