@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from comm_sgd.local_sgd import LocalSGDState, SyncBatch, local_sgd
 from trainstep.core import TrainStep
-from trainstep.runner import ConfigError
+from trainstep.runner import ConfigError, to_host
 
 PyTree = Any
 WorkerBatchFn = Callable[[jax.Array, jax.Array, jax.Array], PyTree]
@@ -169,13 +169,9 @@ def worker_params(states: LocalSGDState, get_params=lambda s: s.params) -> PyTre
 
 
 def fetch(tree: PyTree) -> PyTree:
-    """Brings a pytree to host numpy, gathering arrays spread over several processes."""
-    def leaf(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            from jax.experimental import multihost_utils
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(x)
-    return jax.tree.map(leaf, tree)
+    """Brings a pytree to host numpy, gathering arrays spread over several processes (every
+    process must call it)."""
+    return to_host(tree)
 
 
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int, *,

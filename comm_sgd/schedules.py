@@ -47,6 +47,13 @@ class ScheduleError(ConfigError):
         super().__init__(f"{message}; valid schedules: {', '.join(VALID_FORMS)}")
 
 
+def _exact(x: float) -> str:
+    """Shortest decimal that reads back as exactly ``x`` (``:g`` rounds to 6 digits, which moves an
+    ``increasing_for`` schedule, found right at a count's boundary, to another count)."""
+    s = repr(float(x))
+    return s[:-2] if s.endswith(".0") else s
+
+
 @dataclasses.dataclass(frozen=True)
 class SyncSchedule:
     """A communication schedule.
@@ -88,7 +95,7 @@ class SyncSchedule:
         if self.kind == "post-local":
             return f"post-local:{self.warmup}:{self.period}"
         if self.kind == "increasing":
-            return f"increasing:{self.c:g}" + ("" if self.p == 1 else f":{self.p:g}")
+            return f"increasing:{_exact(self.c)}" + ("" if self.p == 1 else f":{_exact(self.p)}")
         if self.kind == "steps":
             return "steps:" + ",".join(str(s) for s in self.steps)
         return self.kind

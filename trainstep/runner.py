@@ -152,6 +152,21 @@ def _check_run_config(out_dir: str, config: dict) -> None:
     write_json_atomic(path, wanted)
 
 
+def to_host(tree: PyTree) -> PyTree:
+    """``jax.device_get`` that also works on arrays spread over several processes (after
+    ``jax.distributed.initialize``): those are gathered with ``process_allgather`` first, so every
+    process must call it."""
+
+    def leaf(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(leaf, tree)
+
+
 def _all_finite(tree) -> bool:
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
     return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
@@ -207,7 +222,8 @@ def run_chunked(
     # Shapes of the metrics, so that the history can be preallocated (and restored by shape).
     metric_shapes = jax.eval_shape(
         lambda s, h: unroll(step, s, h, key=key, num_steps=1, batch_fn=batch_fn)[1], state, hparams)
-    history = {k: np.full((num_steps,) + v.shape[1:], np.nan, v.dtype) for k, v in metric_shapes.items()}
+    history = {k: np.full((num_steps,) + v.shape[1:], np.nan if np.issubdtype(v.dtype, np.inexact) else 0, v.dtype)
+               for k, v in metric_shapes.items()}
     if "loss" not in history:
         raise ValueError("the step's metrics must include 'loss'")
     done, wall_before = 0, 0.0
@@ -243,7 +259,7 @@ def run_chunked(
         while done < num_steps:
             n = min(chunk_size, num_steps - done)
             new_state, metrics = run_chunk(state, hparams, jnp.asarray(done, jnp.int32), n)
-            metrics = jax.device_get(metrics)
+            metrics = to_host(metrics)
             loss = np.asarray(metrics["loss"])
             bad = ~np.isfinite(loss)
             if bad.any():

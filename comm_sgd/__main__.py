@@ -1,0 +1,3 @@
+from comm_sgd.cli import entry_point
+
+entry_point()
