@@ -20,6 +20,9 @@ class Experiment(NamedTuple):
 
 EXPERIMENTS: list[Experiment] = [
     Experiment("trainstep_baselines", "experiments.trainstep_baselines"),
+    Experiment("comm_sgd_local", "experiments.comm_sgd_local"),
+    Experiment("comm_sgd_tradeoffs", "experiments.comm_sgd_tradeoffs"),
+    Experiment("comm_sgd_mlp", "experiments.comm_sgd_mlp"),
 ]
 
 SCALES = ("small", "large")
