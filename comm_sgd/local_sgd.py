@@ -206,7 +206,10 @@ def local_sgd(
         )
         sync = jnp.asarray(batch.sync, jnp.int32)
         avg = update_average(state.average, get_params(inner), average, state.t, average_shift)
-        metrics = dict(metrics, synced=sync)
+        round_bytes = tree_nbytes(get_params(inner))
+        if opt_state == "average":
+            round_bytes += tree_nbytes(get_opt_state(inner))
+        metrics = dict(metrics, synced=sync, bytes_all_reduced=sync.astype(jnp.float32) * float(round_bytes))
         new = LocalSGDState(inner, state.t + 1, state.communications + sync, anchor, outer_state, avg)
         return new, metrics
 

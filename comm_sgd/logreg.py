@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from comm_sgd.local_sgd import tree_nbytes
 from comm_sgd.parallel import fetch, parallel_local_sgd, schedule_batch_fn, worker_output
 from comm_sgd.schedules import parse_schedule
 from comm_sgd.step_sizes import AVERAGES, parse_step_size, stich_shift
@@ -182,7 +181,7 @@ def build_run(problem: LogregProblem, config: LogregConfig, *, mesh=None):
 
     one = ps.init(inner.init(jnp.zeros((d,), jnp.float32)))
     states = jax.tree.map(lambda x: jnp.broadcast_to(x, (S,) + x.shape), one)
-    info = {"shift_a": shift, "bytes_per_round": tree_nbytes(jnp.zeros((d,), jnp.float32)),
+    info = {"shift_a": shift,
             "condition_number": problem.condition_number, "longest_period": _longest_period(mask)}
     return TrainStep(init=ps.init, step=seeded_step), states, schedule_batch_fn(mask), mask, info
 
@@ -192,7 +191,8 @@ def run_logreg(problem: LogregProblem, config: LogregConfig, *, mesh=None, out_d
                desc: str = "local SGD") -> dict:
     """Runs ``config`` and returns the measured results (host numpy / Python values).
 
-    Returns a dict with ``communications``, ``bytes_all_reduced`` (per worker), ``suboptimality``
+    Returns a dict with ``communications``, ``bytes_all_reduced`` (by each worker, over the run),
+    ``suboptimality``
     (mean over seeds), ``suboptimality_per_seed``, ``final_loss`` (mean), ``final_loss_per_seed``,
     ``w`` (seeds, d), ``loss_curve`` (training minibatch loss per step, mean over seeds and
     workers), ``wall_s`` and the run's constants (``shift_a``, ``condition_number``).
@@ -201,7 +201,7 @@ def run_logreg(problem: LogregProblem, config: LogregConfig, *, mesh=None, out_d
     out = run_chunked(step, states, None, key=jax.random.key(config.seed), num_steps=config.steps,
                       batch_fn=batch_fn, out_dir=out_dir,
                       config=run_config if run_config is not None else dataclasses.asdict(config),
-                      chunk_size=chunk_size or config.steps, desc=desc, progress=progress)
+                      chunk_size=chunk_size, desc=desc, progress=progress)
     w = fetch(jax.jit(jax.vmap(worker_output))(out.state)).astype(np.float64)
     comms = fetch(out.state.communications)
     losses = np.array([problem.loss(wi) for wi in w])
@@ -211,7 +211,7 @@ def run_logreg(problem: LogregProblem, config: LogregConfig, *, mesh=None, out_d
         raise AssertionError(f"communication counter {comms} disagrees with the schedule's {n_comm}")
     return {
         "communications": n_comm,
-        "bytes_all_reduced": n_comm * info["bytes_per_round"],
+        "bytes_all_reduced": float(np.asarray(out.history["bytes_all_reduced"]).sum(axis=0).max()),
         "suboptimality": float(np.mean(sub)),
         "suboptimality_per_seed": sub.tolist(),
         "final_loss": float(np.mean(losses)),
