@@ -173,14 +173,25 @@ def increasing_for(num_communications: int, num_steps: int, p: float = 1.0) -> S
     ``num_communications`` rounds, found by bisection on ``c``."""
     if num_communications < 1:
         raise ScheduleError(f"num_communications must be >= 1, got {num_communications}")
+    def count(c):
+        return increasing(c, p).num_communications(num_steps)
+
     lo, hi = 1e-6, float(num_steps) + 1.0
-    for _ in range(100):
+    for _ in range(60):  # smallest c with at most num_communications rounds
         mid = math.sqrt(lo * hi)
-        if increasing(mid, p).num_communications(num_steps) > num_communications:
-            lo = mid
-        else:
-            hi = mid
-    return increasing(hi, p)
+        lo, hi = (mid, hi) if count(mid) > num_communications else (lo, mid)
+    target = count(hi)
+    top_lo, top_hi = hi, float(num_steps) + 1.0
+    for _ in range(60):  # largest c with the same count
+        mid = math.sqrt(top_lo * top_hi)
+        top_lo, top_hi = (mid, top_hi) if count(mid) == target else (top_lo, mid)
+    # A round c from the middle of the interval, away from its edges.
+    mid = math.sqrt(hi * top_lo)
+    for digits in range(2, 12):
+        c = float(f"{mid:.{digits}g}")
+        if hi <= c <= top_lo and count(c) == target:
+            return increasing(c, p)
+    return increasing(mid, p)
 
 
 def _int(text: str, what: str, spec: str) -> int:
