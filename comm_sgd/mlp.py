@@ -98,7 +98,7 @@ def run_mlp_sweep(config: MLPConfig, schedules: Sequence[str], *, out_dir: Optio
         run_dir = None if out_dir is None else os.path.join(out_dir, "runs", _safe(sched.spec))
         run_config = {**dataclasses.asdict(config), "schedule": sched.spec}
         out = run_chunked(step, states, None, key=train_key, num_steps=T, batch_fn=schedule_batch_fn(mask),
-                          out_dir=run_dir, config=run_config, chunk_size=checkpoint_every or T,
+                          out_dir=run_dir, config=run_config, chunk_size=checkpoint_every,
                           desc=f"MLP K={K} {sched.spec}", progress=progress)
         w = jax.vmap(worker_output)(out.state)
         ev = fetch(evaluate(w))

@@ -12,10 +12,12 @@ worker ``w`` samples with ``fold_in(k_w, 0)`` and steps with ``fold_in(k_w, 1)``
 backend, so the simulation and the mesh see the same randomness.
 
 On a mesh of ``D`` devices, ``K`` must be a multiple of ``D``; each device runs ``K / D`` workers
-(``vmap`` inside ``shard_map``). With one worker per device the run equals the simulation bit for
-bit. With several, the average is taken in two stages (within a device, then across devices): the
-same value up to float rounding, and the shard_map's varying-axis check is switched off, because
-jax 0.10 cannot type collectives over a ``vmap`` axis nested in a ``shard_map``.
+(``vmap`` inside ``shard_map``). With one worker per device in one process the run equals the
+simulation bit for bit. With several workers per device, the average is taken in two stages
+(within a device, then across devices), and across processes the all-reduce (gloo on CPU) may add
+in another order: the same values up to float rounding. With several workers per device the
+shard_map's varying-axis check is switched off, because jax 0.10 cannot type collectives over a
+``vmap`` axis nested in a ``shard_map``.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from typing import NamedTuple, Union
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from trainstep.runner import ConfigError
 
@@ -100,5 +101,9 @@ def update_average(avg: IterateAverage, params, kind: str, t, shift: float = 1.0
     w = iterate_weight(kind, t, shift)
     total = avg.weight + w
     frac = w / total
-    new = jax.tree.map(lambda a, x: a + (frac * (x - a)).astype(a.dtype), avg.params, params)
+    # The barrier keeps the product out of the addition's fusion: XLA:CPU may otherwise contract
+    # them into a fused multiply-add or not depending on the array shapes, and the simulation
+    # (stacked workers) and the mesh (one worker per device) would round differently.
+    steps = lax.optimization_barrier(jax.tree.map(lambda a, x: (frac * (x - a)).astype(a.dtype), avg.params, params))
+    new = jax.tree.map(lambda a, d: a + d, avg.params, steps)
     return IterateAverage(new, total)
