@@ -188,13 +188,14 @@ class HParamSpace:
 
         ``sigma = softplus(scale)``. Hyperparameters declared ``perturb="batch"`` share one draw
         across the batch."""
-        sigma = jax.nn.softplus(scale)
+        # Explicit leading axes: the library runs under jax_numpy_rank_promotion="raise".
+        sigma = jax.nn.softplus(scale)[None, :]
         k1, k2 = jax.random.split(key)
         eps_example = jax.random.normal(k1, (batch_size, len(self)), u.dtype)
         eps_batch = jnp.broadcast_to(jax.random.normal(k2, (1, len(self)), u.dtype), eps_example.shape)
-        per_batch = jnp.asarray([h.perturb == "batch" for h in self.hparams])
+        per_batch = jnp.asarray([[h.perturb == "batch" for h in self.hparams]])
         eps = jnp.where(per_batch, eps_batch, eps_example)
-        return u + sigma * eps
+        return u[None, :] + sigma * eps
 
     @staticmethod
     def entropy(scale: jax.Array) -> jax.Array:

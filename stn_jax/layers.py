@@ -55,8 +55,8 @@ def init_best_response_dense(key: jax.Array, d_in: int, d_out: int, n_hparams: i
 def best_response_dense(params: dict, x: jax.Array, h: jax.Array) -> jax.Array:
     """``x W + b + (h V_w) * (x W_r) + (h V_b) * b_r`` for ``x (B, d_in)``, ``h (B, n_h)``."""
     g, r = params[GENERAL], params[RESPONSE]
-    y = x @ g["kernel"] + g["bias"]
-    return y + (h @ r["scale_kernel"]) * (x @ r["kernel"]) + (h @ r["scale_bias"]) * r["bias"]
+    y = x @ g["kernel"] + g["bias"][None, :]
+    return y + (h @ r["scale_kernel"]) * (x @ r["kernel"]) + (h @ r["scale_bias"]) * r["bias"][None, :]
 
 
 def _conv(x, kernel, padding):
@@ -83,10 +83,10 @@ def init_best_response_conv(key: jax.Array, c_in: int, c_out: int, kernel_size: 
 def best_response_conv(params: dict, x: jax.Array, h: jax.Array, padding: str = "SAME") -> jax.Array:
     """2-D convolution (``x`` NHWC) with per-output-channel response scales from ``h (B, n_h)``."""
     g, r = params[GENERAL], params[RESPONSE]
-    y = _conv(x, g["kernel"], padding) + g["bias"]
+    y = _conv(x, g["kernel"], padding) + g["bias"][None, None, None, :]
     s_w = (h @ r["scale_kernel"])[:, None, None, :]
     s_b = (h @ r["scale_bias"])[:, None, None, :]
-    return y + s_w * _conv(x, r["kernel"], padding) + s_b * r["bias"]
+    return y + s_w * _conv(x, r["kernel"], padding) + s_b * r["bias"][None, None, None, :]
 
 
 class BestResponseDense(nn.Module):

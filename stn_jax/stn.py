@@ -90,7 +90,7 @@ class STN(NamedTuple):
       hyper_step: a :class:`TrainStep` on ``STNState`` with a validation batch ``(x, y)``.
       cycle_step: ``t_train`` weight steps then ``t_val`` hyper steps; its batch is
         ``(train_batches, val_batches)`` stacked along leading axes ``t_train`` and ``t_val``.
-        Metrics: the hyperparameters' values and scales after the cycle, the mean training and
+        Metrics: the hyperparameters' values and scales after the cycle, the mean training (``loss``) and
         validation losses.
       predict_at: ``predict_at(state, x) -> outputs`` at the current hyperparameters, no
         regularisers (evaluation).
@@ -122,7 +122,7 @@ def make_stn(
     tau = config.entropy_weight
 
     def hnet_input(u_tilde, u):
-        return u_tilde - lax.stop_gradient(u) if config.delta else u_tilde
+        return u_tilde - lax.stop_gradient(u)[None, :] if config.delta else u_tilde
 
     def train_objective(params, x, y, h, hvals, key):
         out = predict(params, x, h, hvals, key, True)
@@ -170,7 +170,7 @@ def make_stn(
         b = jax.tree.leaves(x)[0].shape[0]
         if config.tune_scales:
             eps = jax.random.normal(key, (b, n_h), u.dtype)
-            u_tilde = u + jax.nn.softplus(s) * eps
+            u_tilde = u[None, :] + jax.nn.softplus(s)[None, :] * eps
         else:
             u_tilde = jnp.broadcast_to(u, (b, n_h))
         h = hnet_input(u_tilde, u)
@@ -212,7 +212,7 @@ def make_stn(
         state, wm = lax.scan(wbody, state, jnp.arange(config.t_train))
         state, hm = lax.scan(hbody, state, jnp.arange(config.t_val))
         u = state.hyper.params["u"]
-        metrics = {"train_loss": jnp.mean(wm["loss"]), "val_loss": jnp.mean(hm["val_loss"]),
+        metrics = {"loss": jnp.mean(wm["loss"]), "val_loss": jnp.mean(hm["val_loss"]),
                    "u": u, "sigma": jax.nn.softplus(state.hyper.params["s"])}
         for name, v in space.constrain(u).items():
             metrics[f"hp/{name}"] = v

@@ -1,0 +1,244 @@
+"""An MLP on MNIST-1D (or digits) whose six regularisation hyperparameters a Self-Tuning Network
+tunes: input dropout, two hidden dropouts, Gaussian input noise, weight decay and the magnitude of
+a random-shift augmentation.
+
+The same model trains three ways, all through ``trainstep.runner.run_chunked``:
+
+* :func:`train_fixed`: a plain network (no response weights) at fixed hyperparameters (the
+  baselines: fixed values, grid, random search, optuna);
+* :func:`train_stn`: STN or Delta-STN (:mod:`stn_jax.stn`), recording the hyperparameter schedule;
+* :func:`train_schedule`: a plain network under a recorded schedule (STN's schedule replayed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from stn_jax.hparams import HParam, HParamSpace
+from stn_jax.layers import GENERAL, best_response_dense, init_best_response_dense
+from stn_jax.regularizers import dropout, gaussian_noise, random_shift
+from stn_jax.stn import STNConfig, make_stn
+from trainstep.core import gradient_step
+from trainstep.data import Dataset, load_dataset, minibatch_fn
+from trainstep.runner import ConfigError, run_chunked
+
+DROPOUTS = ("input_dropout", "dropout1", "dropout2")
+
+
+def mlp_space(init: Optional[dict] = None) -> HParamSpace:
+    """The six hyperparameters, with their ranges and (overridable) initial values."""
+    v = {"input_dropout": 0.05, "dropout1": 0.05, "dropout2": 0.05, "input_noise": 0.05,
+         "weight_decay": 1e-4, "shift": 0.05, **(init or {})}
+    return HParamSpace([
+        HParam("input_dropout", v["input_dropout"], "range", 0.0, 0.95),
+        HParam("dropout1", v["dropout1"], "range", 0.0, 0.95),
+        HParam("dropout2", v["dropout2"], "range", 0.0, 0.95),
+        HParam("input_noise", v["input_noise"], "log"),
+        HParam("weight_decay", v["weight_decay"], "log", perturb="batch"),
+        HParam("shift", v["shift"], "range", 0.0, 0.5),
+    ])
+
+
+# Search ranges of the black-box baselines (constrained values; log-uniform where marked).
+SEARCH_SPACE = {
+    "input_dropout": (0.0, 0.8, False),
+    "dropout1": (0.0, 0.8, False),
+    "dropout2": (0.0, 0.8, False),
+    "input_noise": (1e-3, 1.0, True),
+    "weight_decay": (1e-6, 1e-1, True),
+    "shift": (0.0, 0.45, False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPSetup:
+    """Model and training budget shared by STN and the baselines."""
+
+    dataset: str = "mnist1d"
+    hidden: tuple = (100, 100)
+    batch: int = 100
+    steps: int = 6000  # weight steps of one plain training run
+    lr: float = 1e-3
+    val_fraction: float = 0.2
+
+
+def _regularise(x, hv, key, train):
+    if not train:
+        return x
+    k1, k2, k3 = jax.random.split(key, 3)
+    x = random_shift(k1, x, hv["shift"])
+    x = gaussian_noise(k2, x, hv["input_noise"])
+    return dropout(k3, x, hv["input_dropout"])
+
+
+def init_params(key: jax.Array, num_features: int, num_classes: int, hidden, n_hparams: int) -> list:
+    sizes = [num_features, *hidden, num_classes]
+    keys = jax.random.split(key, len(sizes) - 1)
+    return [init_best_response_dense(k, a, b, n_hparams) for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)]
+
+
+def predict(params, x, h, hv, key, train):
+    """The STN network: best-response layers, regularisers at the per-example values ``hv``."""
+    k_in, *k_drop = jax.random.split(key, len(params))
+    z = _regularise(x, hv, k_in, train)
+    for i, layer in enumerate(params):
+        z = best_response_dense(layer, z, h)
+        if i < len(params) - 1:
+            z = jax.nn.relu(z)
+            if train and i < 2:
+                z = dropout(k_drop[i], z, hv[DROPOUTS[i + 1]])
+    return z
+
+
+def predict_plain(params, x, hv, key, train):
+    """The plain network (general weights only) at hyperparameter values ``hv``."""
+    k_in, *k_drop = jax.random.split(key, len(params))
+    z = _regularise(x, hv, k_in, train)
+    for i, layer in enumerate(params):
+        g = layer[GENERAL]
+        z = z @ g["kernel"] + g["bias"][None, :]
+        if i < len(params) - 1:
+            z = jax.nn.relu(z)
+            if train and i < 2:
+                z = dropout(k_drop[i], z, hv[DROPOUTS[i + 1]])
+    return z
+
+
+def cross_entropy(logits, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+
+def weight_decay_penalty(params, h, hv):
+    wd = hv["weight_decay"]
+    wd = wd[0] if jnp.ndim(wd) else wd
+    return 0.5 * wd * sum(jnp.sum(jnp.square(layer[GENERAL]["kernel"])) for layer in params)
+
+
+def load_data(setup: MLPSetup) -> Dataset:
+    data = load_dataset(setup.dataset, val_fraction=setup.val_fraction)
+    if len(data.y_val) == 0:
+        raise ConfigError("STN needs a validation split: val_fraction must be > 0")
+    return data
+
+
+def evaluate(logits_fn, params, data: Dataset) -> dict:
+    out = {}
+    for split in ("val", "test"):
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        logits = logits_fn(params, x)
+        out[f"{split}_loss"] = float(jnp.mean(cross_entropy(logits, y)))
+        out[f"{split}_accuracy"] = float(jnp.mean(jnp.argmax(logits, -1) == y))
+    return out
+
+
+def _plain_step(setup: MLPSetup, schedule_fn):
+    space = mlp_space()
+
+    def loss_fn(params, batch, hparams, key):
+        x, y, t = batch
+        hv = schedule_fn(hparams, t)
+        hv_b = {k: jnp.broadcast_to(v, (x.shape[0],)) for k, v in hv.items()}
+        logits = predict_plain(params, x, hv_b, key, True)
+        return jnp.mean(cross_entropy(logits, y)) + weight_decay_penalty(params, None, hv), {}
+
+    del space
+    return gradient_step(loss_fn, optax.adam(setup.lr))
+
+
+def _train_plain(setup, data, hparams, schedule_fn, seed, progress, desc):
+    ts = _plain_step(setup, schedule_fn)
+    key = jax.random.key(seed)
+    k_init, k_run, k_shuffle = jax.random.split(key, 3)
+    params = init_params(k_init, data.num_features, data.num_classes, setup.hidden, len(mlp_space()))
+    base = minibatch_fn((data.x_train, data.y_train), setup.batch, key=k_shuffle, num_steps=setup.steps)
+
+    def batch_fn(k, t):
+        x, y = base(k, t)
+        return x, y, t
+
+    start = time.perf_counter()
+    out = run_chunked(ts, ts.init(params), hparams, key=k_run, num_steps=setup.steps, batch_fn=batch_fn,
+                      out_dir=None, config={}, progress=progress, desc=desc)
+    wall = time.perf_counter() - start
+    ev = evaluate(jax.jit(lambda p, x: predict_plain(p, x, {}, jax.random.key(0), False)), out.state.params, data)
+    return {**ev, "wall_s": wall}
+
+
+def train_fixed(setup: MLPSetup, data: Dataset, values: dict, *, seed: int = 0, progress: bool = False) -> dict:
+    """A plain run at fixed hyperparameter ``values`` (constrained; missing ones are 0)."""
+    names = mlp_space().names
+    hp = {k: jnp.asarray(float(values.get(k, 0.0)), jnp.float32) for k in names}
+    return _train_plain(setup, data, hp, lambda h, t: h, seed, progress, "fixed")
+
+
+def train_schedule(setup: MLPSetup, data: Dataset, schedule: dict, *, seed: int = 0, progress: bool = False) -> dict:
+    """A plain run whose hyperparameters follow ``schedule``: ``{name: values per weight step}``
+    (arrays of length ``setup.steps``)."""
+    names = mlp_space().names
+    hp = {k: jnp.asarray(np.asarray(schedule[k], np.float32)) for k in names}
+    for k, v in hp.items():
+        if v.shape != (setup.steps,):
+            raise ConfigError(f"schedule[{k!r}] needs {setup.steps} values, got shape {v.shape}")
+    return _train_plain(setup, data, hp, lambda h, t: {k: v[t] for k, v in h.items()}, seed, progress, "replay")
+
+
+def train_stn(setup: MLPSetup, data: Dataset, *, delta: bool = False, linearize: bool = False, seed: int = 0,
+              init: Optional[dict] = None, warmup: int = 500, t_train: int = 5, t_val: int = 1,
+              hyper_lr: float = 3e-3, entropy_weight: float = 1e-3, tune_scales: bool = True,
+              progress: bool = False) -> dict:
+    """STN (or Delta-STN) with ``setup.steps`` weight steps in all (``warmup`` of them before
+    tuning starts), returning accuracies, the schedule and wall time.
+
+    The schedule holds each hyperparameter's value at every weight step (for :func:`train_schedule`).
+    """
+    space = mlp_space(init)
+    config = STNConfig(t_train=t_train, t_val=t_val, entropy_weight=entropy_weight, tune_scales=tune_scales,
+                       delta=delta, linearize=linearize)
+    stn = make_stn(space, predict, cross_entropy, penalty=weight_decay_penalty,
+                   weight_optimizer=optax.adam(setup.lr), hyper_optimizer=optax.adam(hyper_lr), config=config)
+    key = jax.random.key(seed)
+    k_init, k_run, k_shuffle, k_val = jax.random.split(key, 4)
+    params = init_params(k_init, data.num_features, data.num_classes, setup.hidden, len(space))
+    state = stn.init(params)
+    if not 0 <= warmup < setup.steps:
+        raise ConfigError(f"warmup must be in [0, {setup.steps}), got {warmup}")
+    cycles = (setup.steps - warmup) // t_train
+    train_fn = minibatch_fn((data.x_train, data.y_train), setup.batch, key=k_shuffle, num_steps=setup.steps)
+    val_fn = minibatch_fn((data.x_val, data.y_val), min(setup.batch, len(data.y_val)), mode="iid")
+
+    start = time.perf_counter()
+    if warmup:
+        warm = run_chunked(stn.weight_step, state, None, key=jax.random.fold_in(k_run, 0), num_steps=warmup,
+                           batch_fn=train_fn, out_dir=None, config={}, progress=progress, desc="STN warm-up")
+        state = warm.state
+
+    def cycle_batches(k, c):
+        t0 = warmup + c * t_train
+        tb = jax.vmap(lambda i: train_fn(jax.random.fold_in(k, i), t0 + i))(jnp.arange(t_train))
+        vb = jax.vmap(lambda i: val_fn(jax.random.fold_in(k_val, c * t_val + i), c))(jnp.arange(t_val))
+        return tb, vb
+
+    out = run_chunked(stn.cycle_step, state, None, key=jax.random.fold_in(k_run, 1), num_steps=cycles,
+                      batch_fn=cycle_batches, out_dir=None, config={}, progress=progress,
+                      desc="Delta-STN" if delta else "STN")
+    wall = time.perf_counter() - start
+    ev = evaluate(jax.jit(lambda s, x: stn.predict_at(s, x)), out.state, data)
+    hist = {k[3:]: np.asarray(v) for k, v in out.history.items() if k.startswith("hp/")}
+    init_vals = space.values(space.init_unconstrained())
+    # Per weight step: the initial values through warm-up, then each cycle's values for its steps.
+    schedule = {}
+    for name in space.names:
+        per_cycle = np.concatenate([[init_vals[name]], hist[name][:-1]])
+        steps = np.concatenate([np.full(warmup, init_vals[name]), np.repeat(per_cycle, t_train)])
+        tail = setup.steps - len(steps)
+        schedule[name] = np.concatenate([steps, np.full(tail, hist[name][-1])]).astype(np.float32)
+    final = {name: float(hist[name][-1]) for name in space.names}
+    return {**ev, "wall_s": wall, "final_hparams": final, "schedule": schedule,
+            "cycle_val_loss": np.asarray(out.history["val_loss"]), "cycles": cycles}
