@@ -23,6 +23,7 @@ EXPERIMENTS: list[Experiment] = [
     Experiment("comm_sgd_local", "experiments.comm_sgd_local"),
     Experiment("comm_sgd_tradeoffs", "experiments.comm_sgd_tradeoffs"),
     Experiment("comm_sgd_mlp", "experiments.comm_sgd_mlp"),
+    Experiment("stn_ridge", "experiments.stn_ridge"),
 ]
 
 SCALES = ("small", "large")

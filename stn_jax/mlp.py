@@ -25,7 +25,7 @@ from stn_jax.hparams import HParam, HParamSpace
 from stn_jax.layers import GENERAL, best_response_dense, init_best_response_dense
 from stn_jax.regularizers import dropout, gaussian_noise, random_shift
 from stn_jax.stn import STNConfig, make_stn
-from trainstep.core import gradient_step
+from trainstep.core import TrainStep, gradient_step
 from trainstep.data import Dataset, load_dataset, minibatch_fn
 from trainstep.runner import ConfigError, run_chunked
 
@@ -152,11 +152,18 @@ def _plain_step(setup: MLPSetup, schedule_fn):
     return gradient_step(loss_fn, optax.adam(setup.lr))
 
 
-def _train_plain(setup, data, hparams, schedule_fn, seed, progress, desc):
+def _train_plain(setup, data, hparams, schedule_fn, seed, progress, desc, trials=None):
+    """One plain run, or with ``trials`` the same run vmapped over ``trials`` hyperparameter settings
+    (``hparams`` leaves with a leading trials axis) sharing the seed: initial weights, minibatches
+    and random draws are those of the unbatched run, so each trial equals its own plain run."""
     ts = _plain_step(setup, schedule_fn)
     key = jax.random.key(seed)
     k_init, k_run, k_shuffle = jax.random.split(key, 3)
     params = init_params(k_init, data.num_features, data.num_classes, setup.hidden, len(mlp_space()))
+    state, step = ts.init(params), ts
+    if trials is not None:
+        state = jax.tree.map(lambda a: jnp.broadcast_to(a, (trials, *jnp.shape(a))), state)
+        step = TrainStep(ts.init, jax.vmap(ts.step, in_axes=(0, None, 0, None)))
     base = minibatch_fn((data.x_train, data.y_train), setup.batch, key=k_shuffle, num_steps=setup.steps)
 
     def batch_fn(k, t):
@@ -164,11 +171,27 @@ def _train_plain(setup, data, hparams, schedule_fn, seed, progress, desc):
         return x, y, t
 
     start = time.perf_counter()
-    out = run_chunked(ts, ts.init(params), hparams, key=k_run, num_steps=setup.steps, batch_fn=batch_fn,
+    out = run_chunked(step, state, hparams, key=k_run, num_steps=setup.steps, batch_fn=batch_fn,
                       out_dir=None, config={}, progress=progress, desc=desc)
     wall = time.perf_counter() - start
-    ev = evaluate(jax.jit(lambda p, x: predict_plain(p, x, {}, jax.random.key(0), False)), out.state.params, data)
+    logits_fn = lambda p, x: predict_plain(p, x, {}, jax.random.key(0), False)
+    if trials is None:
+        ev = evaluate(jax.jit(logits_fn), out.state.params, data)
+    else:
+        ev = evaluate_batch(jax.jit(jax.vmap(logits_fn, in_axes=(0, None))), out.state.params, data)
     return {**ev, "wall_s": wall}
+
+
+def evaluate_batch(logits_fn, params, data: Dataset) -> dict:
+    """:func:`evaluate` for a batch of networks: ``logits_fn`` returns ``(trials, n, classes)``;
+    every metric is a numpy array ``(trials,)``."""
+    out = {}
+    for split in ("val", "test"):
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        logits = logits_fn(params, x)
+        out[f"{split}_loss"] = np.asarray(jnp.mean(cross_entropy(logits, jnp.asarray(y)[None, :]), axis=-1))
+        out[f"{split}_accuracy"] = np.asarray(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(y)[None, :], axis=-1))
+    return out
 
 
 def train_fixed(setup: MLPSetup, data: Dataset, values: dict, *, seed: int = 0, progress: bool = False) -> dict:
@@ -176,6 +199,39 @@ def train_fixed(setup: MLPSetup, data: Dataset, values: dict, *, seed: int = 0, 
     names = mlp_space().names
     hp = {k: jnp.asarray(float(values.get(k, 0.0)), jnp.float32) for k in names}
     return _train_plain(setup, data, hp, lambda h, t: h, seed, progress, "fixed")
+
+
+def train_fixed_batch(setup: MLPSetup, data: Dataset, values: dict, *, seed: int = 0,
+                      progress: bool = False) -> dict:
+    """Plain runs at several fixed settings at once, vmapped over the trials.
+
+    Each trial equals :func:`train_fixed` at its values with the same ``seed`` (same initial
+    weights, minibatches and random draws: common random numbers across trials).
+
+    Args:
+      values: ``{name: values of shape (trials,)}`` (constrained; missing names are 0).
+
+    Returns:
+      ``val_loss``, ``val_accuracy``, ``test_loss``, ``test_accuracy`` as arrays ``(trials,)`` and
+      ``wall_s``, the wall time of the whole batch.
+
+    Example:
+      >>> r = train_fixed_batch(setup, data, {"dropout1": [0.1, 0.3], "shift": [0.0, 0.2]})
+      >>> r["val_loss"].shape  # (2,)
+    """
+    names = mlp_space().names
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown hyperparameters {unknown}; expected some of {list(names)}")
+    arrays = {k: np.asarray(v, np.float32) for k, v in values.items()}
+    shapes = {np.shape(v) for v in arrays.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1 or next(iter(shapes))[0] < 1:
+        raise ConfigError(f"values need one shape (trials,) with trials >= 1, got {sorted(shapes)}")
+    (trials,) = next(iter(shapes))
+    if not all(np.all(np.isfinite(v)) for v in arrays.values()):
+        raise ConfigError("hyperparameter values must be finite")
+    hp = {k: jnp.asarray(arrays.get(k, np.zeros(trials, np.float32))) for k in names}
+    return _train_plain(setup, data, hp, lambda h, t: h, seed, progress, f"fixed x{trials}", trials=trials)
 
 
 def train_schedule(setup: MLPSetup, data: Dataset, schedule: dict, *, seed: int = 0, progress: bool = False) -> dict:

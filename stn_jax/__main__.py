@@ -1,0 +1,3 @@
+from stn_jax.cli import entry_point
+
+entry_point()
