@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Optional
 
+from stn_jax import mlp_cli, schedule_cli
 from trainstep.cli import _float, _positive_int, run_main
 from trainstep.runner import ConfigError
 
@@ -120,6 +121,8 @@ def _ridge(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {
     "ridge": Command("tune ridge regression's weight decay (stn, delta-stn, unrolled) against the closed form",
                      _ridge_arguments, _ridge),
+    "mlp": Command(mlp_cli.HELP, mlp_cli.add_arguments, mlp_cli.run),
+    "schedule": Command(schedule_cli.HELP, schedule_cli.add_arguments, schedule_cli.run),
 }
 
 
