@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from comm_sgd.parallel import fetch, parallel_local_sgd, schedule_batch_fn, worker_output
+from comm_sgd.parallel import fetch, parallel_local_sgd, schedule_batch_fn
 from comm_sgd.schedules import parse_schedule
 from comm_sgd.step_sizes import AVERAGES, parse_step_size, stich_shift
 from trainstep.core import TrainStep, gradient_step
@@ -202,7 +202,10 @@ def run_logreg(problem: LogregProblem, config: LogregConfig, *, mesh=None, out_d
                       batch_fn=batch_fn, out_dir=out_dir,
                       config=run_config if run_config is not None else dataclasses.asdict(config),
                       chunk_size=chunk_size, desc=desc, progress=progress)
-    w = fetch(jax.jit(jax.vmap(worker_output))(out.state)).astype(np.float64)
+    # The mean over workers (axis 1; axis 0 holds the seeds) is taken on the host in float64, in one
+    # order whatever the backend: a device-side mean over a sharded worker axis is a partitioned
+    # all-reduce whose summation order differs from one device's.
+    w = fetch(out.state.average.params).astype(np.float64).mean(axis=1)
     comms = fetch(out.state.communications)
     losses = np.array([problem.loss(wi) for wi in w])
     sub = losses - problem.f_star
