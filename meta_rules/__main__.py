@@ -1,0 +1,3 @@
+from meta_rules.cli import entry_point
+
+entry_point()
