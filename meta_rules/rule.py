@@ -47,11 +47,14 @@ class RuleConfig:
       hidden: width of the per-neuron network's two hidden layers.
       channels: length of the per-example vectors whose outer products give ``ΔW`` and ``ΔV``.
       max_step: upper bound on the step size (relative to the initial weight scale).
+      decay_steps: if positive, step ``t`` is scaled by ``1 / (1 + t / decay_steps)`` (a fixed harmonic
+        schedule, so that the base model settles instead of drifting at a constant rate); ``0``: constant.
     """
 
     hidden: int = 32
     channels: int = 4
     max_step: float = 0.1
+    decay_steps: float = 0.0
 
     def __post_init__(self):
         for name in ("hidden", "channels"):
@@ -60,6 +63,9 @@ class RuleConfig:
                 raise ConfigError(f"RuleConfig.{name} must be a positive integer, got {value!r}")
         if not (isinstance(self.max_step, (int, float)) and math.isfinite(self.max_step) and self.max_step > 0):
             raise ConfigError(f"RuleConfig.max_step must be a positive finite number, got {self.max_step!r}")
+        if not (isinstance(self.decay_steps, (int, float)) and math.isfinite(self.decay_steps)
+                and self.decay_steps >= 0):
+            raise ConfigError(f"RuleConfig.decay_steps must be a finite number >= 0, got {self.decay_steps!r}")
 
     @property
     def num_outputs(self) -> int:
@@ -247,6 +253,8 @@ def make_rule_step(config: RuleConfig = DEFAULT_RULE_CONFIG, *, activation: str 
         updates = rule_updates(theta, state.params, x_BD, config=config, activation=activation,
                                normalize=normalize)
         sizes = step_sizes(theta, config)
+        if config.decay_steps > 0:
+            sizes = sizes / (1.0 + state.step.astype(sizes.dtype) / config.decay_steps)
         params = apply_updates(state.params, updates, sizes)
         sq = sum(jnp.sum((sizes[0] * u["w"]) ** 2) for u in updates)
         count = sum(u["w"].size for u in updates)
