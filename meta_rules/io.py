@@ -131,7 +131,8 @@ def apply_rule(theta: dict, params: BaseParams, x: jax.Array, *, num_steps: int,
         raise ConfigError(f"x must be unlabelled inputs (n, D), got shape {jnp.shape(x)}")
     if jnp.shape(x)[1] != sizes[0]:
         raise ConfigError(f"x has {jnp.shape(x)[1]} features but the MLP's input size is {sizes[0]}")
-    if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+    # numpy, not jnp: under jax.jit a jnp test of a closed-over concrete x would itself be traced
+    if not isinstance(x, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(x))):
         raise ConfigError("x contains NaN or inf")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
         raise ConfigError(f"num_steps must be a non-negative integer, got {num_steps!r}")
