@@ -113,11 +113,6 @@ def unroll_jit(meta_unroll):
 
 
 @pytest.fixture(scope="module")
-def tbptt_jit(meta_unroll):
-    return jax.jit(lambda th, s, k: mr.truncated_backprop(meta_unroll, th, s, k))
-
-
-@pytest.fixture(scope="module")
 def states(meta_unroll):
     return jax.jit(lambda k: mr.init_states(meta_unroll, k, 3))(jax.random.key(3))
 
@@ -270,72 +265,360 @@ class TestMetaUnroll:
         assert dones == [False, False, True]
         assert int(state.rule_state.step) == 0
 
-    def test_vmapped_tasks_equal_tasks_one_by_one(self, theta, meta_unroll, states, unroll_jit, tbptt_jit):
+
+class TestMetaGradientFloat64:
+    """Truncated backprop, its batching over tasks and antithetic ES, in float64 (one compiled program each)."""
+
+    @pytest.fixture(scope="class", autouse=True)
+    @classmethod
+    def x64(cls):
+        with jax.enable_x64(True):
+            yield
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def setup(cls, x64):
+        pool = sample_pool(jax.random.key(16), num=3)
+        chex.assert_type(pool.x_unlabelled, jnp.float64)
+        mu = mr.make_meta_unroll(pool_task_fn(pool), NUM_CLASSES, UNROLL_CONFIG, RULE_CONFIG)
+        theta = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), common()[0])
+        states = jax.jit(lambda k: mr.init_states(mu, k, 3))(jax.random.key(17))
+        return dict(mu=mu, theta=theta, states=states,
+                    tbptt=jax.jit(lambda th, s, k: mr.truncated_backprop(mu, th, s, k)),
+                    vunroll=jax.jit(jax.vmap(mu.unroll, in_axes=(None, 0, 0))))
+
+    def test_meta_gradient_matches_finite_differences(self, setup):
+        theta, states = setup["theta"], setup["states"]
+        key = jax.random.key(18)
+        keys = jax.random.split(key, 3)  # truncated_backprop's per-task keys
+        mean_loss = lambda th: jnp.mean(setup["vunroll"](th, states, keys)[1])  # noqa: E731
+        out = setup["tbptt"](theta, states, key)
+        chex.assert_trees_all_close(out.loss, mean_loss(theta), rtol=1e-12)
+        h = 1e-5
+        leaves, treedef = jax.tree.flatten(theta)
+        for i in range(3):  # random directions u: <grad, u> against (L(θ + h u) - L(θ - h u)) / 2h
+            ks = jax.random.split(jax.random.key(30 + i), len(leaves))
+            u = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, jnp.float64)
+                                             for k, x in zip(ks, leaves, strict=True)])
+            plus = mean_loss(jax.tree.map(lambda t, d: t + h * d, theta, u))
+            minus = mean_loss(jax.tree.map(lambda t, d: t - h * d, theta, u))
+            fd = float(plus - minus) / (2 * h)
+            analytic = float(jnp.dot(_flat(out.grad), _flat(u)))
+            assert abs(analytic) > 1e-4
+            assert abs(fd - analytic) <= 1e-7 + 1e-5 * abs(analytic), (i, fd, analytic)
+
+    def test_vmapped_tasks_equal_tasks_one_by_one(self, setup):
+        theta, states, mu = setup["theta"], setup["states"], setup["mu"]
         keys = jax.random.split(jax.random.key(15), 3)
-        batched = jax.jit(jax.vmap(meta_unroll.unroll, in_axes=(None, 0, 0)))(theta, states, keys)
+        batched = setup["vunroll"](theta, states, keys)
+        one = jax.jit(mu.unroll)
         for i in range(3):
-            single = unroll_jit(theta, jax.tree.map(lambda a: a[i], states), keys[i])
+            single = one(theta, jax.tree.map(lambda a: a[i], states), keys[i])
             chex.assert_trees_all_close(_key_data(single), _key_data(jax.tree.map(lambda a: a[i], batched)),
-                                        rtol=1e-5, atol=1e-6)
+                                        rtol=1e-10)
         # The estimator's mean gradient over three tasks equals the mean of each task's gradient, computed by the
         # same program on three copies of that task (with a fixed truncation and no episode ending, a task's
         # result does not depend on its key).
         key = jax.random.key(16)
-        batch = tbptt_jit(theta, states, key)
-        per_task = [tbptt_jit(theta, jax.tree.map(lambda a: jnp.repeat(a[i:i + 1], 3, axis=0), states), key)
+        batch = setup["tbptt"](theta, states, key)
+        per_task = [setup["tbptt"](theta, jax.tree.map(lambda a: jnp.repeat(a[i:i + 1], 3, axis=0), states), key)
                     for i in range(3)]
-        chex.assert_trees_all_close(batch.loss, jnp.mean(jnp.stack([o.loss for o in per_task])), rtol=1e-5)
+        chex.assert_trees_all_close(batch.loss, jnp.mean(jnp.stack([o.loss for o in per_task])), rtol=1e-10)
         chex.assert_trees_all_close(batch.grad, jax.tree.map(lambda *g: jnp.mean(jnp.stack(g), axis=0),
-                                                             *[o.grad for o in per_task]), rtol=1e-4, atol=1e-7)
+                                                             *[o.grad for o in per_task]), rtol=1e-8, atol=1e-12)
         for i, o in enumerate(per_task):
             chex.assert_trees_all_close(_key_data(jax.tree.map(lambda a: a[i], batch.states)),
-                                        _key_data(jax.tree.map(lambda a: a[0], o.states)), rtol=1e-5, atol=1e-6)
+                                        _key_data(jax.tree.map(lambda a: a[0], o.states)), rtol=1e-10)
         assert float(jnp.linalg.norm(_flat(batch.grad))) > 1e-4
         assert _cosine(per_task[0].grad, per_task[1].grad) < 0.999  # the tasks do differ
 
-    def test_meta_gradient_matches_finite_differences_float64(self):
-        with jax.enable_x64(True):
-            pool = sample_pool(jax.random.key(16), num=2)
-            chex.assert_type(pool.x_unlabelled, jnp.float64)
-            mu = mr.make_meta_unroll(pool_task_fn(pool), NUM_CLASSES, UNROLL_CONFIG, RULE_CONFIG)
-            theta = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), common()[0])
-            states = jax.jit(lambda k: mr.init_states(mu, k, 2))(jax.random.key(17))
-            key = jax.random.key(18)
-            keys = jax.random.split(key, 2)  # truncated_backprop's per-task keys
-
-            @jax.jit
-            def mean_loss(th):
-                return jnp.mean(jax.vmap(lambda s, k: mu.unroll(th, s, k)[1])(states, keys))
-
-            out = jax.jit(lambda th: mr.truncated_backprop(mu, th, states, key))(theta)
-            chex.assert_trees_all_close(out.loss, mean_loss(theta), rtol=1e-12)
-            assert float(jnp.linalg.norm(_flat(out.grad))) > 1e-4
-            h = 1e-5
-            leaves, treedef = jax.tree.flatten(theta)
-            for i in range(3):  # random directions u: <grad, u> against (L(θ + h u) - L(θ - h u)) / 2h
-                ks = jax.random.split(jax.random.key(30 + i), len(leaves))
-                u = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, jnp.float64)
-                                                 for k, x in zip(ks, leaves, strict=True)])
-                plus = mean_loss(jax.tree.map(lambda t, d: t + h * d, theta, u))
-                minus = mean_loss(jax.tree.map(lambda t, d: t - h * d, theta, u))
-                fd = float(plus - minus) / (2 * h)
-                analytic = float(jnp.dot(_flat(out.grad), _flat(u)))
-                assert abs(fd - analytic) <= 1e-7 + 1e-5 * abs(analytic), (i, fd, analytic)
-                assert abs(analytic) > 1e-4
-
-    def test_antithetic_es_agrees_in_direction_with_backprop(self, theta, states, tbptt_jit, meta_unroll):
+    def test_antithetic_es_agrees_in_direction_with_backprop(self, setup):
         # One episode state copied n times: the ES mean then estimates the gradient of that one truncation loss
         # (with truncation (3, 3) and no episode ending, the unroll key changes nothing but the perturbation).
+        theta, states, mu = setup["theta"], setup["states"], setup["mu"]
         n = 1024
         copies = jax.tree.map(lambda a: jnp.repeat(a[:1], n, axis=0), states)
-        key = jax.random.key(40)
-        backprop = tbptt_jit(theta, jax.tree.map(lambda a: a[:3], copies), key).grad  # (compiled for 3 tasks)
-        es_fn = jax.jit(lambda th, s, k: mr.antithetic_es(meta_unroll, th, s, k, sigma=0.01))
-        es = es_fn(theta, copies, key)
-        es2 = es_fn(theta, copies, jax.random.key(41))
-        # theory: cos ≈ (1 + (d + 1) / n)^(-1/2) for d = 333 parameters, about 0.87; two estimates, about 0.75
+        backprop = setup["tbptt"](theta, jax.tree.map(lambda a: a[:3], copies), jax.random.key(40)).grad
+        es_fn = jax.jit(lambda th, s, k: mr.antithetic_es(mu, th, s, k, sigma=0.01))
+        es = es_fn(theta, copies, jax.random.key(41))
+        es2 = es_fn(theta, copies, jax.random.key(42))
+        # theory: cos ≈ (1 + (d + 1) / n)^(-1/2) for d = 333 parameters, about 0.87; between two estimates, 0.75
         assert _cosine(es.grad, backprop) > 0.7, _cosine(es.grad, backprop)
-        assert _cosine(es2.grad, backprop) > 0.7
+        assert _cosine(es2.grad, backprop) > 0.7, _cosine(es2.grad, backprop)
         assert _cosine(es.grad, es2.grad) > 0.5
         ratio = float(jnp.linalg.norm(_flat(es.grad)) / jnp.linalg.norm(_flat(backprop)))
         assert 0.8 < ratio < 1.5, ratio  # (the noise adds about sqrt(1 + d/n) to the norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# PES on a toy whose full-horizon gradient is known
+
+TOY_DECAY, TOY_INNER, TOY_TRUNCATIONS = 0.8, 2, 3
+TOY_X0, TOY_TARGET, TOY_U = jnp.array([1.0, -0.5]), jnp.array([0.3, 0.7]), jnp.array([1.0, -1.0])
+TOY_THETA = {"b": jnp.array([0.2, -0.1]), "c": jnp.array(0.3)}
+
+
+def toy_unroll() -> mr.TruncatedUnroll:
+    """``x ← 0.8 x + b + c u``, loss ``|x - target|²`` per inner step; episodes of 3 truncations of 2 steps.
+
+    The episode's total loss is quadratic in θ, so PES's estimate is exactly unbiased for its gradient,
+    whatever σ; a truncated estimate, which ignores how θ shaped the state a truncation starts from, is not.
+    """
+    def init(key):
+        del key
+        return {"x": TOY_X0, "t": jnp.zeros((), jnp.int32)}
+
+    def unroll(theta, state, key):
+        def body(x, _):
+            x = TOY_DECAY * x + theta["b"] + theta["c"] * TOY_U
+            return x, jnp.sum((x - TOY_TARGET) ** 2)
+
+        x, losses = jax.lax.scan(body, state["x"], None, length=TOY_INNER)
+        t = state["t"] + TOY_INNER
+        done = t >= TOY_INNER * TOY_TRUNCATIONS
+        new = jax.tree.map(lambda f, o: jnp.where(done, f, o), init(key), {"x": x, "t": t})
+        return new, jnp.mean(losses), done
+
+    return mr.TruncatedUnroll(init, unroll)
+
+
+class TestPES:
+    def test_pes_is_unbiased_where_truncated_estimates_are_not(self):
+        toy, theta, m = toy_unroll(), TOY_THETA, 4096
+
+        def full_horizon(th):
+            state, total = toy.init(jax.random.key(0)), 0.0
+            for i in range(TOY_TRUNCATIONS):
+                state, loss, _ = toy.unroll(th, state, jax.random.key(i))
+                total = total + loss
+            return total
+
+        truth = _flat(jax.grad(full_horizon)(theta))
+
+        def episode(key, estimator):
+            """Sum of an estimator's estimates over the truncations of one episode (one task)."""
+            states = (mr.init_pes_states(toy, theta, key, 1) if estimator is mr.pes
+                      else mr.init_states(toy, key, 1))
+            total, dones = jnp.zeros(3), []
+            for i in range(TOY_TRUNCATIONS):
+                k = jax.random.fold_in(key, i)
+                out = (mr.truncated_backprop(toy, theta, states, k) if estimator is mr.truncated_backprop
+                       else estimator(toy, theta, states, k, sigma=0.1))
+                states, total = out.states, total + _flat(out.grad)
+                dones.append(out.done)
+            return total, jnp.stack(dones), states
+
+        def stats(estimator):
+            totals, dones, states = jax.jit(jax.vmap(lambda k: episode(k, estimator)))(jax.random.split(
+                jax.random.key(1), m))
+            chex.assert_trees_all_equal(dones, jnp.tile(jnp.array([0.0, 0.0, 1.0]), (m, 1)))
+            return jnp.mean(totals, axis=0), jnp.std(totals, axis=0) / np.sqrt(m), states
+
+        pes_mean, pes_se, pes_states = stats(mr.pes)
+        es_mean, es_se, _ = stats(mr.antithetic_es)
+        truncated = stats(mr.truncated_backprop)[0]  # deterministic: every episode alike
+
+        assert bool(jnp.all(jnp.abs(pes_mean - truth) < 4.5 * pes_se)), (pes_mean, truth, pes_se)
+        assert bool(jnp.all(pes_se < 0.05 * jnp.abs(truth)))  # the test has power...
+        assert float(jnp.max(jnp.abs(truncated - truth) / pes_se)) > 20  # ...and truncation is clearly biased
+        assert bool(jnp.all(jnp.abs(es_mean - truncated) < 4.5 * es_se))  # ES estimates the truncated gradient
+        # at the episode's end both particles restart from the same fresh state and the sum of ε is reset
+        chex.assert_trees_all_equal(pes_states.pos, pes_states.neg)
+        chex.assert_trees_all_equal(pes_states.accumulated, jax.tree.map(jnp.zeros_like, pes_states.accumulated))
+
+
+# ---------------------------------------------------------------------------------------------
+# The readout
+
+
+class TestReadout:
+    @pytest.mark.parametrize("shape", [(30, 6), (5, 12)], ids=["primal", "dual"])
+    def test_ridge_fit_is_the_closed_form(self, shape):
+        from sklearn.linear_model import Ridge
+
+        rng = np.random.default_rng(0)
+        x, y, l2 = rng.normal(size=shape), rng.normal(size=(shape[0], 3)), 0.3
+        expected = np.linalg.solve(x.T @ x + l2 * np.eye(shape[1]), x.T @ y)
+        with jax.enable_x64(True):
+            got = np.asarray(mr.ridge_fit(jnp.asarray(x), jnp.asarray(y), l2))
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+        sk = Ridge(alpha=l2, fit_intercept=False, solver="cholesky").fit(x, y).coef_.T
+        np.testing.assert_allclose(got, sk, rtol=1e-8, atol=1e-10)
+
+    def test_few_shot_loss_against_numpy(self):
+        rng = np.random.default_rng(1)
+        fs, fq = rng.normal(size=(6, 4)), rng.normal(size=(9, 4))
+        ys, yq = np.repeat(np.arange(3), 2), np.repeat(np.arange(3), 3)
+
+        def design(f, centre):
+            f = f - centre
+            f = f / np.sqrt(np.sum(f ** 2, axis=1, keepdims=True) + 1e-6)
+            return np.concatenate([f, np.ones((len(f), 1))], axis=1)
+
+        centre = fs.mean(axis=0)
+        xs = design(fs, centre)
+        w = xs.T @ np.linalg.solve(xs @ xs.T + 0.1 * np.eye(6), np.eye(3)[ys])
+        pred, target = design(fq, centre) @ w, np.eye(3)[yq]
+        cosine = np.mean(1 - np.sum(pred * target, axis=1) / np.sqrt(np.sum(pred ** 2, axis=1) + 1e-6))
+        mse = np.mean(np.sum((pred - target) ** 2, axis=1))
+        acc = np.mean(np.argmax(pred, axis=1) == yq)
+        with jax.enable_x64(True):
+            for name, value in (("cosine", cosine), ("mse", mse)):
+                loss, accuracy = mr.few_shot_ridge_loss(jnp.asarray(fs), jnp.asarray(ys), jnp.asarray(fq),
+                                                        jnp.asarray(yq), 3, l2=0.1, loss=name)
+                np.testing.assert_allclose(float(loss), value, rtol=1e-9)
+                np.testing.assert_allclose(float(accuracy), acc)
+
+    def test_separable_features_give_accuracy_one(self):
+        rng = np.random.default_rng(2)
+        ys, yq = np.repeat(np.arange(5), 2), np.repeat(np.arange(5), 20)
+        feats = lambda y: 3.0 * np.eye(5)[y] + 0.05 * rng.normal(size=(len(y), 5))  # noqa: E731
+        fs, fq = jnp.asarray(feats(ys), jnp.float32), jnp.asarray(feats(yq), jnp.float32)
+        assert float(mr.few_shot_ridge_accuracy(fs, jnp.asarray(ys), fq, jnp.asarray(yq), 5)) == 1.0
+        loss, _ = mr.few_shot_ridge_loss(fs, jnp.asarray(ys), fq, jnp.asarray(yq), 5)
+        assert float(loss) < 0.05
+        shuffled = jnp.asarray(rng.permutation(yq))  # labels unrelated to the features: near chance
+        assert float(mr.few_shot_ridge_accuracy(fs, jnp.asarray(ys), fq, shuffled, 5)) < 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# θ files
+
+
+class TestThetaFiles:
+    def test_round_trip(self, tmp_path, theta):
+        path = str(tmp_path / "sub" / "rule.npz")
+        mr.save_theta(path, theta, RULE_CONFIG, metadata={"activation": "tanh", "loss": np.float32(0.25)})
+        loaded, config, meta = mr.load_theta(path)
+        chex.assert_trees_all_equal(loaded, theta)
+        assert config == RULE_CONFIG
+        assert meta == {"activation": "tanh", "loss": 0.25}
+
+    def test_bad_files_raise_clear_errors(self, tmp_path, theta):
+        with pytest.raises(DataError, match="no such file"):
+            mr.load_theta(str(tmp_path / "missing.npz"))
+        corrupt = tmp_path / "corrupt.npz"
+        corrupt.write_bytes(b"PK\x03\x04 this is not a zip archive")
+        with pytest.raises(DataError, match="corrupt.npz"):
+            mr.load_theta(str(corrupt))
+
+        good = str(tmp_path / "good.npz")
+        mr.save_theta(good, theta, RULE_CONFIG)
+        arrays = dict(np.load(good))
+
+        def write(name, **changes):
+            path = str(tmp_path / name)
+            np.savez(path, **{**arrays, **changes})
+            return path
+
+        with pytest.raises(ConfigError, match="does not match"):
+            mr.load_theta(write("shape.npz", **{"theta/in/w": np.zeros((12, 5), np.float32)}))
+        with pytest.raises(DataError, match="NaN"):
+            mr.load_theta(write("nan.npz", **{"theta/out/b": np.full_like(arrays["theta/out/b"], np.nan)}))
+        missing = {k: v for k, v in arrays.items() if k != "theta/pool/w"}
+        np.savez(str(tmp_path / "leaf.npz"), **missing)
+        with pytest.raises(DataError, match="missing key 'theta/pool/w'"):
+            mr.load_theta(str(tmp_path / "leaf.npz"))
+        header = json.loads(str(arrays["config"]))
+        with pytest.raises(DataError, match="header"):
+            mr.load_theta(write("format.npz", config=np.asarray(json.dumps({**header, "format": "other/9"}))))
+        with pytest.raises(DataError, match="header"):
+            mr.load_theta(write("json.npz", config=np.asarray("{not json")))
+        bigger = {**header, "rule_config": {**header["rule_config"], "hidden": 16}}  # θ of another rule's shape
+        with pytest.raises(ConfigError, match="does not match"):
+            mr.load_theta(write("config.npz", config=np.asarray(json.dumps(bigger))))
+        with pytest.raises(ConfigError, match="does not match"):
+            mr.save_theta(str(tmp_path / "x.npz"), theta, mr.RuleConfig(hidden=16))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+class TestBadInput:
+    def test_configs(self):
+        with pytest.raises(ConfigError, match="unknown activation 'sigmoid'"):
+            mr.activation_fn("sigmoid")
+        with pytest.raises(ConfigError, match="unknown activation"):
+            mr.make_rule_step(RULE_CONFIG, activation="softplus")
+        for bad in [(6,), (6, 0), (6, 2.5), (6, True), ()]:
+            with pytest.raises(ConfigError, match="sizes"):
+                mr.init_base_mlp(jax.random.key(0), bad)
+        for kwargs, match in [({"hidden": 0}, "hidden"), ({"hidden": True}, "hidden"), ({"channels": 1.5}, "channels"),
+                              ({"max_step": 0.0}, "max_step"), ({"max_step": float("nan")}, "max_step")]:
+            with pytest.raises(ConfigError, match=f"RuleConfig.{match}"):
+                mr.RuleConfig(**kwargs)
+        for kwargs, match in [({"num_classes": 1}, "num_classes"), ({"shots": 0}, "shots"),
+                              ({"queries": 2.0}, "queries"), ({"unlabelled": -1}, "unlabelled")]:
+            with pytest.raises(ConfigError, match=f"TaskConfig.{match}"):
+                mr.TaskConfig(**kwargs)
+        for kwargs, match in [({"truncation": (5, 2)}, "truncation"), ({"truncation": (0, 3)}, "truncation"),
+                              ({"length": (3,)}, "length"), ({"length": (2.0, 5)}, "length"),
+                              ({"batch_size": 1}, "batch_size"), ({"readout_loss": "hinge"}, "readout loss"),
+                              ({"readout_l2": 0.0}, "readout_l2"), ({"activation": "gelu"}, "activation"),
+                              ({"sizes": (6,)}, "sizes")]:
+            with pytest.raises(ConfigError, match=match):
+                mr.UnrollConfig(**kwargs)
+        with pytest.raises(ConfigError, match="must be a RuleConfig"):
+            mr.make_rule_step({"hidden": 8})
+        with pytest.raises(ConfigError, match="unknown readout loss"):
+            mr.few_shot_ridge_loss(jnp.zeros((4, 2)), jnp.zeros(4, jnp.int32), jnp.zeros((4, 2)),
+                                   jnp.zeros(4, jnp.int32), 2, loss="hinge")
+        with pytest.raises(ConfigError, match="learning_rate"):
+            mr.meta_optimizer(0.0)
+
+    def test_tasks_and_unrolls(self, pool):
+        task_fn = pool_task_fn(pool)
+        with pytest.raises(ConfigError, match="6 features but the base model's input size is 8"):
+            mr.make_meta_unroll(task_fn, NUM_CLASSES, mr.UnrollConfig(sizes=(8, 4)), RULE_CONFIG)
+        with pytest.raises(ConfigError, match="batch_size 32 exceeds the 24 unlabelled"):
+            mr.make_meta_unroll(task_fn, NUM_CLASSES, mr.UnrollConfig(sizes=(DIM, 4), batch_size=32), RULE_CONFIG)
+        with pytest.raises(ConfigError, match="num_classes"):
+            mr.make_meta_unroll(task_fn, 1, UNROLL_CONFIG, RULE_CONFIG)
+        with pytest.raises(ConfigError, match="must be an UnrollConfig"):
+            mr.make_meta_unroll(task_fn, NUM_CLASSES, {"sizes": (DIM, 4)}, RULE_CONFIG)
+        mu = mr.make_meta_unroll(task_fn, NUM_CLASSES, UNROLL_CONFIG, RULE_CONFIG)
+        with pytest.raises(ConfigError, match="unknown estimator 'sgd'"):
+            mr.make_estimator(mu, "sgd")
+        with pytest.raises(ConfigError, match="sigma"):
+            mr.make_estimator(mu, "es", sigma=0.0)
+        with pytest.raises(ConfigError, match="TruncatedUnroll"):
+            mr.make_estimator(task_fn, "tbptt")
+        with pytest.raises(ConfigError, match="num_tasks"):
+            mr.init_states(mu, jax.random.key(0), 0)
+        x = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+        y = np.repeat(np.arange(4), 10)
+        with pytest.raises(ConfigError, match="needs unlabelled \\+ shots \\+ queries = 13"):
+            mr.class_subset_task_fn(x, y, mr.TaskConfig(num_classes=3, shots=2, queries=3, unlabelled=8))
+        with pytest.raises(ConfigError, match="fewer than TaskConfig.num_classes=5"):
+            mr.class_subset_task_fn(x, y, mr.TaskConfig(num_classes=5, shots=1, queries=1, unlabelled=1))
+        with pytest.raises(ConfigError, match="NaN"):
+            mr.class_subset_task_fn(np.where(x > 2, np.nan, x), y, mr.TaskConfig(num_classes=2, shots=1, queries=1,
+                                                                                 unlabelled=1))
+
+    def test_rule_inputs(self, theta, task, params):
+        rule = mr.make_rule_step(RULE_CONFIG)
+        with pytest.raises(ConfigError, match="B >= 2"):
+            rule.step(rule.init(params), task.x_unlabelled[:1], theta, jax.random.key(0))
+        with pytest.raises(ConfigError, match="B >= 2"):
+            rule.step(rule.init(params), task.x_unlabelled[0], theta, jax.random.key(0))
+        with pytest.raises(ConfigError, match="do not chain|previous layer"):
+            mr.with_backward_weights([(np.zeros((6, 4)), np.zeros(4)), (np.zeros((5, 3)), np.zeros(3))],
+                                     jax.random.key(0))
+        with pytest.raises(ConfigError, match="keys"):
+            mr.check_params(({"w": np.zeros((6, 4)), "b": np.zeros(4)},))
+        x = np.asarray(task.x_unlabelled)
+        run = lambda **kw: mr.apply_rule(**{**dict(theta=theta, params=params, x=x, num_steps=1,  # noqa: E731
+                                                   key=jax.random.key(0), config=RULE_CONFIG, batch_size=4), **kw})
+        with pytest.raises(ConfigError, match="NaN"):
+            run(x=np.where(x > 1.0, np.nan, x))
+        with pytest.raises(ConfigError, match="5 features but the MLP's input size is 6"):
+            run(x=x[:, :5])
+        with pytest.raises(ConfigError, match="batch_size"):
+            run(batch_size=1)
+        with pytest.raises(ConfigError, match="num_steps"):
+            run(num_steps=-1)
+        with pytest.raises(ConfigError, match="does not match"):
+            run(config=mr.RuleConfig(hidden=16))
+        with pytest.raises(ConfigError, match="unknown activation"):
+            run(activation="swish")
