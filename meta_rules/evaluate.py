@@ -236,7 +236,7 @@ def autoencoder_trajectory(params: BaseParams, x_ND: jax.Array, steps: Sequence[
         e, d = ae
         full = tuple({**layer, "v": jnp.zeros(layer["w"].shape[::-1])} for layer in e)
         h = representation(full, x, activation=activation, normalize=normalize)
-        return jnp.mean((h @ d["d"] + d["c"] - x) ** 2)
+        return jnp.mean((h @ d["d"] + d["c"][None, :] - x) ** 2)
 
     def step(st, x, hp, k):
         del hp, k
