@@ -24,6 +24,9 @@ EXPERIMENTS: list[Experiment] = [
     Experiment("comm_sgd_tradeoffs", "experiments.comm_sgd_tradeoffs"),
     Experiment("comm_sgd_mlp", "experiments.comm_sgd_mlp"),
     Experiment("stn_ridge", "experiments.stn_ridge"),
+    Experiment("stn_mlp", "experiments.stn_mlp"),
+    Experiment("stn_schedule", "experiments.stn_schedule"),
+    Experiment("meta_rules", "experiments.meta_rules"),
 ]
 
 SCALES = ("small", "large")

@@ -49,19 +49,20 @@ def _nonneg_int(name):
 # meta-train
 
 
-def meta_train_config(estimator: str = "tbptt", steps: int = 300, tasks: int = 8, lr: float = 3e-3,
+def meta_train_config(estimator: str = "tbptt", steps: int = 400, tasks: int = 8, lr: float = 3e-3,
                       clip: float = 1.0, sigma: float = 0.01, width: int = 32, depth: int = 2,
                       activation: str = "relu", hidden: int = 16, channels: int = 4, max_step: float = 0.1,
-                      batch: int = 32, trunc_min: int = 5, trunc_max: int = 10, len_min: int = 50,
-                      len_max: int = 500, num_classes: int = 5, shots: int = 10, clustered_weight: float = 0.3,
-                      seed: int = 0) -> dict:
+                      decay_steps: float = 50.0, batch: int = 32, trunc_min: int = 10, trunc_max: int = 10,
+                      len_min: int = 50, len_max: int = 150, num_classes: int = 10, shots: int = 10,
+                      clustered_weight: float = 0.3, seed: int = 0) -> dict:
     """The configuration of :func:`run_meta_train` (also what ``run_config.json`` records).
 
     The defaults are the CPU-scale run (a few minutes on two cores).
     """
     return dict(estimator=estimator, steps=steps, tasks=tasks, lr=lr, clip=clip, sigma=sigma, width=width,
                 depth=depth, activation=activation, hidden=hidden, channels=channels, max_step=max_step,
-                batch=batch, trunc_min=trunc_min, trunc_max=trunc_max, len_min=len_min, len_max=len_max,
+                decay_steps=decay_steps, batch=batch, trunc_min=trunc_min, trunc_max=trunc_max, len_min=len_min,
+                len_max=len_max,
                 num_classes=num_classes, shots=shots, clustered_weight=clustered_weight, seed=seed)
 
 
@@ -79,7 +80,8 @@ def build_meta_training(config: dict):
         raise ConfigError(f"unknown estimator {config['estimator']!r}: expected one of {list(ESTIMATORS)}")
     if not 0.0 <= config["clustered_weight"] <= 1.0:
         raise ConfigError(f"--clustered-weight must be in [0, 1], got {config['clustered_weight']}")
-    rule_config = RuleConfig(hidden=config["hidden"], channels=config["channels"], max_step=config["max_step"])
+    rule_config = RuleConfig(hidden=config["hidden"], channels=config["channels"], max_step=config["max_step"],
+                             decay_steps=config["decay_steps"])
     task_config = TaskConfig(num_classes=config["num_classes"], shots=config["shots"], queries=10, unlabelled=32)
     unroll_config = UnrollConfig(sizes=(64,) + (config["width"],) * config["depth"], activation=config["activation"],
                                  batch_size=config["batch"], truncation=(config["trunc_min"], config["trunc_max"]),
@@ -163,6 +165,8 @@ def _meta_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=_positive_int("--hidden"), default=d["hidden"], help="rule network width")
     p.add_argument("--channels", type=_positive_int("--channels"), default=d["channels"])
     p.add_argument("--max-step", type=_float("--max-step", positive=True), default=d["max_step"])
+    p.add_argument("--decay-steps", type=_float("--decay-steps", nonneg=True), default=d["decay_steps"],
+                   help="harmonic step-size schedule 1/(1 + t/decay_steps) of the rule; 0: constant")
     p.add_argument("--batch", type=_positive_int("--batch"), default=d["batch"], help="unlabelled batch per inner step")
     p.add_argument("--trunc-min", type=_positive_int("--trunc-min"), default=d["trunc_min"])
     p.add_argument("--trunc-max", type=_positive_int("--trunc-max"), default=d["trunc_max"])
