@@ -69,6 +69,19 @@ class MLPSetup:
     val_fraction: float = 0.2
 
 
+def chunk_size(num_steps: int) -> int:
+    """Steps per jitted chunk of a run without checkpoints: a divisor of ``num_steps`` giving 10 to
+    40 chunks (for the progress bar), else the whole run. The runner compiles one program per chunk
+    length, so a chunk size that leaves a remainder would compile every run twice."""
+    for n_chunks in range(20, 41):
+        if num_steps % n_chunks == 0:
+            return num_steps // n_chunks
+    for n_chunks in range(19, 9, -1):
+        if num_steps % n_chunks == 0:
+            return num_steps // n_chunks
+    return num_steps
+
+
 def _regularise(x, hv, key, train):
     if not train:
         return x
@@ -138,8 +151,9 @@ def evaluate(logits_fn, params, data: Dataset) -> dict:
     return out
 
 
-def _plain_step(setup: MLPSetup, schedule_fn):
-    space = mlp_space()
+def plain_step(setup: MLPSetup, schedule_fn) -> TrainStep:
+    """The plain network's Adam step; its batch is ``(x, y, t)`` and its hyperparameters are
+    ``schedule_fn(hparams, t)`` (constrained values; scalars, broadcast over the batch)."""
 
     def loss_fn(params, batch, hparams, key):
         x, y, t = batch
@@ -148,7 +162,6 @@ def _plain_step(setup: MLPSetup, schedule_fn):
         logits = predict_plain(params, x, hv_b, key, True)
         return jnp.mean(cross_entropy(logits, y)) + weight_decay_penalty(params, None, hv), {}
 
-    del space
     return gradient_step(loss_fn, optax.adam(setup.lr))
 
 
@@ -156,7 +169,7 @@ def _train_plain(setup, data, hparams, schedule_fn, seed, progress, desc, trials
     """One plain run, or with ``trials`` the same run vmapped over ``trials`` hyperparameter settings
     (``hparams`` leaves with a leading trials axis) sharing the seed: initial weights, minibatches
     and random draws are those of the unbatched run, so each trial equals its own plain run."""
-    ts = _plain_step(setup, schedule_fn)
+    ts = plain_step(setup, schedule_fn)
     key = jax.random.key(seed)
     k_init, k_run, k_shuffle = jax.random.split(key, 3)
     params = init_params(k_init, data.num_features, data.num_classes, setup.hidden, len(mlp_space()))
@@ -172,7 +185,7 @@ def _train_plain(setup, data, hparams, schedule_fn, seed, progress, desc, trials
 
     start = time.perf_counter()
     out = run_chunked(step, state, hparams, key=k_run, num_steps=setup.steps, batch_fn=batch_fn,
-                      out_dir=None, config={}, progress=progress, desc=desc)
+                      out_dir=None, config={}, chunk_size=chunk_size(setup.steps), progress=progress, desc=desc)
     wall = time.perf_counter() - start
     logits_fn = lambda p, x: predict_plain(p, x, {}, jax.random.key(0), False)
     if trials is None:
@@ -272,7 +285,8 @@ def train_stn(setup: MLPSetup, data: Dataset, *, delta: bool = False, linearize:
     start = time.perf_counter()
     if warmup:
         warm = run_chunked(stn.weight_step, state, None, key=jax.random.fold_in(k_run, 0), num_steps=warmup,
-                           batch_fn=train_fn, out_dir=None, config={}, progress=progress, desc="STN warm-up")
+                           batch_fn=train_fn, out_dir=None, config={}, chunk_size=chunk_size(warmup),
+                           progress=progress, desc="STN warm-up")
         state = warm.state
 
     def cycle_batches(k, c):
@@ -282,7 +296,7 @@ def train_stn(setup: MLPSetup, data: Dataset, *, delta: bool = False, linearize:
         return tb, vb
 
     out = run_chunked(stn.cycle_step, state, None, key=jax.random.fold_in(k_run, 1), num_steps=cycles,
-                      batch_fn=cycle_batches, out_dir=None, config={}, progress=progress,
+                      batch_fn=cycle_batches, out_dir=None, config={}, chunk_size=chunk_size(cycles), progress=progress,
                       desc="Delta-STN" if delta else "STN")
     wall = time.perf_counter() - start
     ev = evaluate(jax.jit(lambda s, x: stn.predict_at(s, x)), out.state, data)
