@@ -63,7 +63,7 @@ class FewShotConfig:
     episodes: int = 30
     seeds: int = 10
     ridge_l2: float = 0.1
-    logistic_steps: int = 200
+    logistic_steps: int = 100
     logistic_lr: float = 0.1
     logistic_l2: float = 1e-3
     batch_size: int = 32
@@ -186,6 +186,24 @@ def episode_scores(feats_ND: jax.Array, table_CM: jax.Array, key: jax.Array, *, 
         return out
 
     return jax.vmap(one)(jax.random.split(key, config.episodes))
+
+
+def score_features(feats_SND: jax.Array, table_CM: jax.Array, keys_S: jax.Array, *, shots: int, logistic: bool,
+                   config: FewShotConfig) -> dict:
+    """:func:`episode_scores` vmapped over seeds: features ``(S, n, P)`` and one key per seed give
+    ``{"ridge": (S, E), "logistic": (S, E)}``.
+
+    A pure function of arrays and static settings, so one ``jax.jit`` of it serves every method and
+    every network of the same feature width (:func:`evaluate_methods` pads features with zero columns,
+    which leave both readouts unchanged, to share it).
+    """
+    return jax.vmap(lambda f, k: episode_scores(f, table_CM, k, shots=shots, config=config,
+                                                logistic=logistic))(feats_SND, keys_S)
+
+
+def _pad_width(f: np.ndarray, width: int) -> np.ndarray:
+    return np.concatenate([f, np.zeros(f.shape[:-1] + (width - f.shape[-1],), f.dtype)], axis=-1) \
+        if f.shape[-1] < width else f
 
 
 def _segments(steps: Sequence[int]) -> list[int]:
@@ -335,9 +353,10 @@ def evaluate_methods(theta: Optional[dict], rule_config: Optional[RuleConfig], x
             return jnp.stack([feat(p) for p in ps])
         return jax.jit(jax.vmap(one))(seed_keys, run_keys)  # (seeds, len(base_steps), n, W)
 
-    score = jax.jit(jax.vmap(lambda f, k, shots, logistic: episode_scores(f, table, k, shots=shots, config=config,
-                                                                           logistic=logistic),
-                             in_axes=(0, 0, None, None)), static_argnums=(2, 3))
+    width = max(sizes[-1], data.x.shape[1])
+    jitted = jax.jit(score_features, static_argnames=("shots", "logistic", "config"))
+    score = lambda f, k, shots, logistic: jitted(jnp.asarray(_pad_width(np.asarray(f), width)), table, k,
+                                                 shots=shots, logistic=logistic, config=config)
     results: dict = {"methods": {}, "curves": {}}
     trained = {}
     for method in ("rule", "autoencoder"):
@@ -363,7 +382,7 @@ def evaluate_methods(theta: Optional[dict], rule_config: Optional[RuleConfig], x
     for method in methods:
         per = {r: {} for r in READOUTS}
         for shots in config.shots:
-            out = score(jnp.asarray(feats[method]), ep_keys, shots, True)
+            out = score(feats[method], ep_keys, shots, True)
             for r in READOUTS:
                 per[r][str(shots)] = summarize(np.asarray(out[r]))
         results["methods"][method] = per
@@ -374,7 +393,7 @@ def evaluate_methods(theta: Optional[dict], rule_config: Optional[RuleConfig], x
             curve = {"step": base_steps}
             for shots in config.shots:
                 curve[str(shots)] = [
-                    summarize(np.asarray(score(jnp.asarray(traj[:, i]), ep_keys, shots, False)["ridge"]))
+                    summarize(np.asarray(score(traj[:, i], ep_keys, shots, False)["ridge"]))
                     for i in range(len(base_steps))]
             results["curves"][method] = curve
     results["data"] = {"source": source, "n": int(data.x.shape[0]), "num_features": int(data.x.shape[1]),
