@@ -16,6 +16,7 @@ import math
 from experiments.registry import Section
 from experiments.reporting import markdown_table
 from stn_jax.baselines import GRID_GROUPS, METHODS, grid_levels, optuna_available
+from stn_jax.mlp import mlp_space
 from stn_jax.mlp_cli import TARGET_BUDGET, TARGET_COST_RUNS, run_mlp
 
 SCALES = {
@@ -68,6 +69,14 @@ def _markdown(results: dict) -> str:
             f"{'' if t['budget_is_target'] else ' (at a budget other than the target one)'}.")
     else:
         verdict = f"Target not evaluated: {t['why']}."
+    moved = ""
+    if "stn" in methods:
+        space = mlp_space()
+        init = space.values(space.init_unconstrained())
+        final = {k: sum(r["hparams"][k] for r in methods["stn"]["per_seed"]) / len(methods["stn"]["per_seed"])
+                 for k in init}
+        moved = (" STN's final hyperparameters (mean over seeds) from its initial values: "
+                 + ", ".join(f"{k} {init[k]:.3g} → {final[k]:.3g}" for k in init) + ".")
     opt = methods.get("optuna")
     optuna = (f" Optuna TPE (10 trials, {c['optuna_batch']} per vmapped batch): "
               f"{100 * opt['test_accuracy']:.1f} ± {100 * opt['test_accuracy_std']:.1f} %." if opt else
@@ -86,7 +95,7 @@ def _markdown(results: dict) -> str:
         f"{c['budget']} trials (grid: levels {grid}, {math.prod(levels)} trials), trials vmapped with common "
         "random numbers; their cost is their number of trials, STN's is its "
         "wall time over the fixed run's (same seed and process). Walls are noisy on a shared 2-core machine."
-        f"\n\n{table}\n\n{verdict}{optuna}\n\n"
+        f"\n\n{table}\n\n{verdict}{optuna}{moved}\n\n"
         "![best validation loss against cost](stn_mlp/cost.png)\n\n"
         "![STN hyperparameter schedules](stn_mlp/schedules.png)\n"
     )
