@@ -1,10 +1,11 @@
 """Benchmarks of meta-training a learned unsupervised update rule (:mod:`meta_rules`).
 
-The problem is the meta-training run's default setting (``python -m meta_rules meta-train``): the rule
-with a 16-wide per-neuron network and 4 channels, training a 64-32-32 ReLU MLP with batch norm on
-5-way tasks from the meta-training distribution (augmented digits mixed with clustered tasks), 32
-unlabelled examples a step, the few-shot cosine ridge readout scored after every step. Truncations
-have a fixed length of 20 steps here (and episodes of 1,000 steps, so none ends during the timing).
+The problem is the meta-training run's default setting (``python -m meta_rules meta-train``, sizes read
+from :func:`meta_rules.cli.meta_train_config`): the rule (16-wide per-neuron network, 4 channels)
+training a 64-32-32 ReLU MLP with batch norm on 10-way tasks from the meta-training distribution
+(augmented digits mixed with clustered tasks), 32 unlabelled examples a step, the few-shot cosine ridge
+readout scored after every step. Truncations have a fixed length of 20 steps here (and episodes of
+1,000 steps, so none ends during the timing).
 
 1. Meta-gradient against the forward unroll: :func:`meta_rules.truncated_backprop` (``jax.value_and_grad``
    through ``trainstep.unroll`` of 20 rule steps, with the readout after each) against the forward
@@ -27,19 +28,23 @@ import numpy as np
 
 import meta_rules as mr
 from benchmarks import Result, fmt_seconds, time_interleaved
+from meta_rules.cli import meta_train_config
 
 TRUNCATION = 20
 TASKS = 8
 GRAD_TARGET = 4.0
 VMAP_TARGET = 3.0
 
-RULE_CONFIG = mr.RuleConfig(hidden=16, channels=4, max_step=0.1)
-TASK_CONFIG = mr.TaskConfig(num_classes=5, shots=10, queries=10, unlabelled=32)
+DEFAULTS = meta_train_config()
+RULE_CONFIG = mr.RuleConfig(**{k: DEFAULTS[k] for k in ("hidden", "channels", "max_step", "decay_steps")
+                               if k in DEFAULTS})
+TASK_CONFIG = mr.TaskConfig(num_classes=DEFAULTS["num_classes"], shots=DEFAULTS["shots"], queries=10, unlabelled=32)
+SIZES = (64,) + (DEFAULTS["width"],) * DEFAULTS["depth"]
 
 
 def unroll_config(checkpoint=False) -> mr.UnrollConfig:
-    return mr.UnrollConfig(sizes=(64, 32, 32), activation="relu", batch_size=32, truncation=(TRUNCATION, TRUNCATION),
-                           length=(1000, 1000), checkpoint=checkpoint)
+    return mr.UnrollConfig(sizes=SIZES, activation=DEFAULTS["activation"], batch_size=DEFAULTS["batch"],
+                           truncation=(TRUNCATION, TRUNCATION), length=(1000, 1000), checkpoint=checkpoint)
 
 
 def make_fns(task_fn, checkpoint=False):
@@ -68,9 +73,9 @@ def main(quick: bool = False) -> list:
     states8 = jax.jit(lambda k: mr.init_states(mu, k, TASKS))(jax.random.key(1))
     states1 = jax.tree.map(lambda a: a[:1], states8)
     key = jax.random.key(2)
-    print(f"rule hidden {RULE_CONFIG.hidden}, channels {RULE_CONFIG.channels}; base MLP 64-32-32 ReLU + batch norm; "
-          f"{TASK_CONFIG.num_classes}-way tasks, batch 32, truncation {TRUNCATION} steps, readout every step",
-          flush=True)
+    print(f"{RULE_CONFIG}; base MLP {'-'.join(map(str, SIZES))} {DEFAULTS['activation']} + batch norm; "
+          f"{TASK_CONFIG.num_classes}-way tasks, batch {DEFAULTS['batch']}, truncation {TRUNCATION} steps, "
+          "readout every step", flush=True)
 
     loss, grad, _ = grad_fn(theta, states1, key)
     loss_f, _ = fwd_fn(theta, states1, key)

@@ -137,7 +137,7 @@ def test_meta_train_then_evaluate(tmp_path, capsys, data_file):
     assert {"meta_loss_first", "meta_loss_last"} <= set(trained["metrics"])
     assert os.path.exists(rule / "meta_loss.png")
     theta, config, metadata = mr.load_theta(str(rule / cli.THETA_FILE))
-    assert config == mr.RuleConfig(hidden=4, channels=2)
+    assert (config.hidden, config.channels) == (4, 2)
     assert metadata["activation"] == "relu" and metadata["batch_size"] == 8
 
     out = tmp_path / "eval"
