@@ -9,7 +9,6 @@ the point is the plumbing and exact identities, not accuracy.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -21,7 +20,8 @@ from stn_jax.mlp import SEARCH_SPACE, MLPSetup, load_data, mlp_space, train_fixe
 from trainstep.cli import run_main
 
 SETUP = MLPSetup(dataset="digits", hidden=(8,), batch=32, steps=24)
-TINY_MLP = ["--dataset", "digits", "--steps", "24", "--hidden", "8", "--stn-warmup", "4", "--no-progress"]
+# 26 steps: 4 of warm-up, 4 STN cycles of 5 weight steps, a tail of 2 at the final values.
+TINY_MLP = ["--dataset", "digits", "--steps", "26", "--hidden", "8", "--stn-warmup", "4", "--no-progress"]
 TINY_SCHEDULE = ["--dataset", "digits", "--steps", "24", "--hidden", "8", "--warmup", "4", "--seeds", "2",
                  "--no-progress"]
 CONTRACT = ("val_loss", "test_loss", "test_accuracy", "cost_runs", "wall_s", "per_seed")
@@ -117,7 +117,7 @@ def test_out_is_a_file_exits_2(tmp_path, capsys, command):
 @pytest.fixture(scope="module")
 def mlp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("mlp")
-    argv = ["mlp", *TINY_MLP, "--seeds", "1", "--budget", "2", "--out", out]
+    argv = ["mlp", *TINY_MLP, "--seeds", "1", "--budget", "2", "--optuna-batch", "2", "--out", out]
     if not baselines.optuna_available():
         argv += ["--methods", ",".join(m for m in baselines.METHODS if m != "optuna")]
     assert run_cli(argv) == 0
@@ -140,7 +140,7 @@ def test_mlp_cli_writes_the_contract(mlp_results):
         np.testing.assert_allclose(m["test_accuracy"], np.mean([s["test_accuracy"] for s in m["per_seed"]]))
     assert r["methods"]["fixed"]["cost_runs"] == 1.0
     assert r["methods"]["random"]["cost_runs"] == 2.0 and r["methods"]["grid"]["cost_runs"] == 2.0
-    assert r["data"]["dataset"] == "digits" and r["config"]["steps"] == 24
+    assert r["data"]["dataset"] == "digits" and r["config"]["steps"] == 26
     target = r["metrics"]["target"]
     assert target["evaluated"] and target["budget_is_target"] is False
     best = max(("random", "grid"), key=lambda k: r["methods"][k]["test_accuracy"])
@@ -148,12 +148,25 @@ def test_mlp_cli_writes_the_contract(mlp_results):
                                and r["methods"]["stn"]["cost_runs"] <= 2.5)
     for png in ("cost.png", "schedules.png"):
         assert (out / png).stat().st_size > 0
-    # STN's schedule starts at the declared initial values and covers the run.
-    sched = r["methods"]["stn"]["per_seed"][0]["schedule"]
+
+
+def test_mlp_stn_schedule_is_recorded_per_weight_step(mlp_results):
+    """STN's schedule (every weight step of this short run) holds the initial values through the
+    warm-up and the first cycle, each later cycle's values for its 5 steps, and the final values
+    in the tail after the last cycle."""
+    _, r = mlp_results
     init = mlp_space().values(mlp_space().init_unconstrained())
-    assert sched["step"][0] == 0 and sched["step"][-1] == SETUP.steps - 1
-    for name, v in init.items():
-        np.testing.assert_allclose(sched[name][0], v, rtol=1e-6)
+    for method in ("stn", "delta-stn"):
+        run = r["methods"][method]["per_seed"][0]
+        sched = run["schedule"]
+        assert sched["step"] == list(range(26))
+        for name, v in init.items():
+            s = np.asarray(sched[name])
+            np.testing.assert_allclose(s[:9], v, rtol=1e-6)  # warm-up (4) and the first cycle (5)
+            for c in range(4):
+                assert np.all(s[4 + 5 * c: 9 + 5 * c] == s[4 + 5 * c]), (method, name, c)
+            np.testing.assert_allclose(s[-2:], run["hparams"][name], rtol=1e-6)
+        assert any(abs(run["hparams"][k] - v) > 1e-6 for k, v in init.items())  # the hyper steps moved them
 
 
 def test_mlp_searches_select_the_lowest_validation_loss(mlp_results):
@@ -229,12 +242,12 @@ def test_schedule_study_plain_runs_equal_the_mlp_replay(data):
     """``stn_jax.schedule.plain_runs`` (vmapped over rows) is ``stn_jax.mlp.train_schedule`` with the
     untuned hyperparameters at 0."""
     ramp = np.linspace(0.05, 0.6, SETUP.steps).astype(np.float32)
-    rows = schedule.plain_runs(SETUP, data, "dropout1", np.stack([ramp, np.full(SETUP.steps, 0.3)]), [0, 2])
-    for i, (values, seed) in enumerate([(ramp, 0), (np.full(SETUP.steps, 0.3), 2)]):
-        sched = {**{k: np.zeros(SETUP.steps) for k in mlp_space().names}, "dropout1": values}
-        one = train_schedule(SETUP, data, sched, seed=seed)
-        for key in ("val_loss", "test_loss", "test_accuracy"):
-            np.testing.assert_allclose(rows[key][i], one[key], rtol=1e-4, atol=1e-6, err_msg=f"{key} row {i}")
+    rows = schedule.plain_runs(SETUP, data, "dropout1", np.stack([np.full(SETUP.steps, 0.3), ramp]), [0, 2])
+    one = train_schedule(SETUP, data, {**{k: np.zeros(SETUP.steps) for k in mlp_space().names}, "dropout1": ramp},
+                         seed=2)
+    for key in ("val_loss", "test_loss", "test_accuracy"):
+        np.testing.assert_allclose(rows[key][1], one[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    assert rows["val_loss"][0] != rows["val_loss"][1]
 
 
 def test_search_selection_and_settings():
@@ -257,21 +270,3 @@ def test_search_selection_and_settings():
         assert np.array_equal(r1[name], r2[name])
         assert np.all(r1[name] >= low * (1 - 1e-6)) and np.all(r1[name] <= high * (1 + 1e-6))
     assert not np.array_equal(baselines.random_values(50, seed=5)["dropout1"], r1["dropout1"])
-
-
-def test_stn_trajectory_is_recorded_per_weight_step(data):
-    """``train_stn``'s schedule holds the initial values through warm-up, then each cycle's values for
-    its ``t_train`` weight steps, and ends at the final values."""
-    from stn_jax.mlp import train_stn
-
-    setup = dataclasses.replace(SETUP, steps=25)  # 3 warm-up steps, 4 cycles of 5, a tail of 2
-    r = train_stn(setup, data, seed=0, warmup=3, t_train=5, hyper_lr=0.05)
-    init = mlp_space().values(mlp_space().init_unconstrained())
-    assert r["cycles"] == 4
-    for name, s in r["schedule"].items():
-        assert s.shape == (25,)
-        np.testing.assert_allclose(s[:8], init[name], rtol=1e-6)  # warm-up and the first cycle
-        for c in range(4):  # constant within a cycle
-            assert np.all(s[3 + 5 * c: 8 + 5 * c] == s[3 + 5 * c])
-        np.testing.assert_allclose(s[-2:], r["final_hparams"][name], rtol=1e-6)  # the tail, after the last cycle
-    assert any(abs(r["final_hparams"][k] - init[k]) > 1e-4 * max(init[k], 1e-3) for k in init)
