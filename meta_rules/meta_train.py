@@ -70,7 +70,7 @@ def make_meta_train_step(estimator: GradientEstimator,
         out = estimator.estimate(state.theta, state.episodes, key)
         updates, opt_state = tx.update(out.grad, state.opt_state, state.theta)
         theta = optax.apply_updates(state.theta, updates)
-        metrics = {"loss": out.loss, "grad_norm": optax.global_norm(out.grad), "done": out.done}
+        metrics = {"loss": out.loss, "grad_norm": optax.tree.norm(out.grad), "done": out.done}
         return MetaTrainState(state.step + 1, theta, opt_state, out.states), metrics
 
     return TrainStep(init=init, step=step)
