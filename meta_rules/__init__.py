@@ -28,6 +28,7 @@ from meta_rules.estimators import (
     pes,
     truncated_backprop,
 )
+from meta_rules.evaluate import FewShotConfig, evaluate_methods, few_shot_logistic_accuracy
 from meta_rules.io import apply_rule, load_theta, save_theta
 from meta_rules.meta_train import MetaTrainState, make_meta_train_step, meta_optimizer, meta_train
 from meta_rules.objective import (
@@ -52,10 +53,12 @@ from meta_rules.tasks import (
 )
 
 __all__ = [
-    "ACTIVATIONS", "ESTIMATORS", "EstimatorOutput", "GradientEstimator", "MetaState", "MetaTrainState",
+    "ACTIVATIONS", "ESTIMATORS", "EstimatorOutput", "FewShotConfig", "GradientEstimator", "MetaState",
+    "MetaTrainState",
     "PESState", "RuleConfig", "RuleState", "Task", "TaskConfig", "TruncatedUnroll", "UnrollConfig",
     "activation_fn", "antithetic_es", "apply_rule", "base_forward", "check_params", "check_theta",
-    "class_subset_task_fn", "clustered_task_fn", "digits_task_fn", "evaluate_rule", "few_shot_ridge_accuracy",
+    "class_subset_task_fn", "clustered_task_fn", "digits_task_fn", "evaluate_methods", "evaluate_rule",
+    "few_shot_logistic_accuracy", "few_shot_ridge_accuracy",
     "few_shot_ridge_loss", "init_base_mlp", "init_pes_states", "init_states", "init_theta", "load_theta",
     "make_estimator", "make_meta_train_step", "make_meta_unroll", "make_rule_step", "meta_optimizer", "meta_train",
     "meta_train_task_fn", "mixture_task_fn", "mnist1d_task_fn", "pes", "representation", "ridge_fit",
