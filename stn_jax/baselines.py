@@ -11,7 +11,11 @@ and accuracy:
 * ``optuna``: optuna's TPE sampler (optional dependency ``optuna``), asking for a batch of settings at
   a time (ask/tell with the constant liar) so that the search is a few vmapped programs instead of
   ``budget`` sequential compiles;
-* ``stn``, ``delta-stn``: :func:`stn_jax.mlp.train_stn`.
+* ``stn``, ``delta-stn``: :func:`stn_jax.mlp.train_stn`;
+* ``stn-frozen``: the control of STN's architecture: STN with a hyper step size of 0, i.e. the same
+  best-response network, perturbation and warm-up, but the hyperparameters (and the perturbation
+  scale) never move; STN's gain over it is what tuning adds, its gain over ``fixed`` what the
+  best-response network and the perturbation add by themselves.
 
 The trials of a search run as one vmapped program (:func:`stn_jax.mlp.train_fixed_batch`) with
 common random numbers: every trial of seed ``s`` starts from the weights of the ``fixed`` run of
@@ -48,7 +52,7 @@ from stn_jax.mlp import SEARCH_SPACE, MLPSetup, mlp_space, train_fixed, train_fi
 from trainstep.data import Dataset
 from trainstep.runner import ConfigError
 
-METHODS = ("stn", "delta-stn", "random", "grid", "optuna", "fixed")
+METHODS = ("stn", "stn-frozen", "delta-stn", "random", "grid", "optuna", "fixed")
 SEARCHES = ("random", "grid", "optuna")
 
 # The fixed baseline sits at STN's starting point (the declared initial values of
@@ -370,6 +374,9 @@ def compare(setup: MLPSetup, data: Dataset, *, methods=METHODS, seeds: int = 3, 
             elif method == "optuna":
                 r = optuna_search(setup, data, budget, seed=seed, batch_size=optuna_batch, reference=reference,
                                   progress=progress)
+            elif method == "stn-frozen":
+                r = stn_method(setup, data, seed=seed, reference=reference, progress=progress,
+                               **{**stn_options, "hyper_lr": 0.0})
             else:
                 r = stn_method(setup, data, seed=seed, reference=reference, delta=method == "delta-stn",
                                progress=progress, **stn_options)

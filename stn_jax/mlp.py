@@ -2,7 +2,7 @@
 tunes: input dropout, two hidden dropouts, Gaussian input noise, weight decay and the magnitude of
 a random-shift augmentation.
 
-The same model trains three ways, all through ``trainstep.runner.run_chunked``:
+The same model trains three ways, each a ``trainstep.unroll`` of ``trainstep`` steps in jitted chunks:
 
 * :func:`train_fixed`: a plain network (no response weights) at fixed hyperparameters (the
   baselines: fixed values, grid, random search, optuna);
@@ -13,6 +13,8 @@ The same model trains three ways, all through ``trainstep.runner.run_chunked``:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import sys
 import time
 from typing import Optional
 
@@ -25,9 +27,9 @@ from stn_jax.hparams import HParam, HParamSpace
 from stn_jax.layers import GENERAL, best_response_dense, init_best_response_dense
 from stn_jax.regularizers import dropout, gaussian_noise, random_shift
 from stn_jax.stn import STNConfig, make_stn
-from trainstep.core import TrainStep, gradient_step
+from trainstep.core import TrainStep, gradient_step, unroll
 from trainstep.data import Dataset, load_dataset, minibatch_fn
-from trainstep.runner import ConfigError, run_chunked
+from trainstep.runner import ConfigError, NonFiniteLossError
 
 DROPOUTS = ("input_dropout", "dropout1", "dropout2")
 
@@ -46,14 +48,17 @@ def mlp_space(init: Optional[dict] = None) -> HParamSpace:
     ])
 
 
-# Search ranges of the black-box baselines (constrained values; log-uniform where marked).
+# Search ranges of the black-box baselines (constrained values; log-uniform where marked): light to
+# moderate regularisation, the region where a short run's best settings lie (STN's starting point,
+# 0.05 dropout and noise, 1e-4 weight decay, 0.05 shift, is inside), so that a 10-trial search is a
+# real baseline rather than mostly over-regularised draws.
 SEARCH_SPACE = {
-    "input_dropout": (0.0, 0.8, False),
-    "dropout1": (0.0, 0.8, False),
-    "dropout2": (0.0, 0.8, False),
-    "input_noise": (1e-3, 1.0, True),
-    "weight_decay": (1e-6, 1e-1, True),
-    "shift": (0.0, 0.45, False),
+    "input_dropout": (0.0, 0.5, False),
+    "dropout1": (0.0, 0.5, False),
+    "dropout2": (0.0, 0.5, False),
+    "input_noise": (1e-3, 0.3, True),
+    "weight_decay": (1e-6, 1e-2, True),
+    "shift": (0.0, 0.3, False),
 }
 
 
@@ -165,33 +170,91 @@ def plain_step(setup: MLPSetup, schedule_fn) -> TrainStep:
     return gradient_step(loss_fn, optax.adam(setup.lr))
 
 
-def _train_plain(setup, data, hparams, schedule_fn, seed, progress, desc, trials=None):
+def _fixed_values(hparams, t):
+    del t
+    return hparams
+
+
+def _replay_values(hparams, t):
+    return {k: v[t] for k, v in hparams.items()}
+
+
+def _run_chunks(program, state, args, num_steps: int, *, progress: bool, desc: str):
+    """Runs ``program(state, args, offset, n) -> (state, metrics)`` (jitted, ``n`` static) over steps
+    ``[0, num_steps)`` in chunks of :func:`chunk_size`; returns the final state and the metrics
+    concatenated along the step axis (numpy)."""
+    from tqdm.auto import tqdm
+
+    chunk = chunk_size(num_steps)
+    done, parts = 0, []
+    with tqdm(total=num_steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True,
+              file=sys.stderr) as bar:
+        while done < num_steps:
+            n = min(chunk, num_steps - done)
+            state, metrics = program(state, args, jnp.asarray(done, jnp.int32), n)
+            parts.append(jax.device_get(metrics))
+            done += n
+            bar.update(n)
+    return state, {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+
+
+# The compiled programs are cached per static configuration and take everything that depends on the
+# seed (keys, initial state) and the data as arguments, so that the seeds of a comparison and the
+# trials of equal-sized searches reuse one compilation instead of baking their keys and arrays into
+# a program of their own.
+
+
+@functools.lru_cache(maxsize=32)
+def _plain_program(setup: MLPSetup, replay: bool, trials: Optional[int]):
+    ts = plain_step(setup, _replay_values if replay else _fixed_values)
+    step = ts.step if trials is None else jax.vmap(ts.step, in_axes=(0, None, 0, None))
+
+    def program(state, args, offset, n):
+        hparams, key, k_shuffle, x, y = args
+        base = minibatch_fn((x, y), setup.batch, key=k_shuffle, num_steps=setup.steps)
+
+        def batch_fn(k, t):
+            xb, yb = base(k, t)
+            return xb, yb, t
+
+        state, metrics = unroll(step, state, hparams, key=key, num_steps=n, batch_fn=batch_fn, step_offset=offset)
+        return state, {"loss": metrics["loss"]}
+
+    return jax.jit(program, static_argnums=3)
+
+
+def _plain_logits(params, x):
+    return predict_plain(params, x, {}, jax.random.key(0), False)
+
+
+@functools.lru_cache(maxsize=4)
+def _plain_eval_program(batched: bool):
+    return jax.jit(jax.vmap(_plain_logits, in_axes=(0, None)) if batched else _plain_logits)
+
+
+def _train_plain(setup, data, hparams, replay, seed, progress, desc, trials=None):
     """One plain run, or with ``trials`` the same run vmapped over ``trials`` hyperparameter settings
     (``hparams`` leaves with a leading trials axis) sharing the seed: initial weights, minibatches
     and random draws are those of the unbatched run, so each trial equals its own plain run."""
-    ts = plain_step(setup, schedule_fn)
+    ts = plain_step(setup, _fixed_values)
     key = jax.random.key(seed)
     k_init, k_run, k_shuffle = jax.random.split(key, 3)
     params = init_params(k_init, data.num_features, data.num_classes, setup.hidden, len(mlp_space()))
-    state, step = ts.init(params), ts
+    state = ts.init(params)
     if trials is not None:
         state = jax.tree.map(lambda a: jnp.broadcast_to(a, (trials, *jnp.shape(a))), state)
-        step = TrainStep(ts.init, jax.vmap(ts.step, in_axes=(0, None, 0, None)))
-    base = minibatch_fn((data.x_train, data.y_train), setup.batch, key=k_shuffle, num_steps=setup.steps)
-
-    def batch_fn(k, t):
-        x, y = base(k, t)
-        return x, y, t
-
+    args = (hparams, k_run, k_shuffle, jnp.asarray(data.x_train), jnp.asarray(data.y_train))
     start = time.perf_counter()
-    out = run_chunked(step, state, hparams, key=k_run, num_steps=setup.steps, batch_fn=batch_fn,
-                      out_dir=None, config={}, chunk_size=chunk_size(setup.steps), progress=progress, desc=desc)
+    state, history = _run_chunks(_plain_program(setup, replay, trials), state, args, setup.steps,
+                                 progress=progress, desc=desc)
     wall = time.perf_counter() - start
-    logits_fn = lambda p, x: predict_plain(p, x, {}, jax.random.key(0), False)
     if trials is None:
-        ev = evaluate(jax.jit(logits_fn), out.state.params, data)
-    else:
-        ev = evaluate_batch(jax.jit(jax.vmap(logits_fn, in_axes=(0, None))), out.state.params, data)
+        bad = ~np.isfinite(history["loss"])
+        if bad.any():
+            raise NonFiniteLossError(int(np.argmax(bad)))
+        ev = evaluate(_plain_eval_program(False), state.params, data)
+    else:  # a diverged trial keeps its non-finite losses; selection by validation loss passes it over
+        ev = evaluate_batch(_plain_eval_program(True), state.params, data)
     return {**ev, "wall_s": wall}
 
 
@@ -211,7 +274,7 @@ def train_fixed(setup: MLPSetup, data: Dataset, values: dict, *, seed: int = 0, 
     """A plain run at fixed hyperparameter ``values`` (constrained; missing ones are 0)."""
     names = mlp_space().names
     hp = {k: jnp.asarray(float(values.get(k, 0.0)), jnp.float32) for k in names}
-    return _train_plain(setup, data, hp, lambda h, t: h, seed, progress, "fixed")
+    return _train_plain(setup, data, hp, False, seed, progress, "fixed")
 
 
 def train_fixed_batch(setup: MLPSetup, data: Dataset, values: dict, *, seed: int = 0,
@@ -244,7 +307,7 @@ def train_fixed_batch(setup: MLPSetup, data: Dataset, values: dict, *, seed: int
     if not all(np.all(np.isfinite(v)) for v in arrays.values()):
         raise ConfigError("hyperparameter values must be finite")
     hp = {k: jnp.asarray(arrays.get(k, np.zeros(trials, np.float32))) for k in names}
-    return _train_plain(setup, data, hp, lambda h, t: h, seed, progress, f"fixed x{trials}", trials=trials)
+    return _train_plain(setup, data, hp, False, seed, progress, f"fixed x{trials}", trials=trials)
 
 
 def train_schedule(setup: MLPSetup, data: Dataset, schedule: dict, *, seed: int = 0, progress: bool = False) -> dict:
@@ -255,7 +318,44 @@ def train_schedule(setup: MLPSetup, data: Dataset, schedule: dict, *, seed: int 
     for k, v in hp.items():
         if v.shape != (setup.steps,):
             raise ConfigError(f"schedule[{k!r}] needs {setup.steps} values, got shape {v.shape}")
-    return _train_plain(setup, data, hp, lambda h, t: {k: v[t] for k, v in h.items()}, seed, progress, "replay")
+    return _train_plain(setup, data, hp, True, seed, progress, "replay")
+
+
+@functools.lru_cache(maxsize=16)
+def _stn_programs(setup: MLPSetup, init: tuple, delta: bool, linearize: bool, warmup: int, t_train: int,
+                  t_val: int, hyper_lr: float, entropy_weight: float, tune_scales: bool):
+    """The STN object and its jitted warm-up, cycle and prediction programs for one configuration
+    (seed-dependent keys, the initial state and the data are arguments)."""
+    space = mlp_space(dict(init))
+    config = STNConfig(t_train=t_train, t_val=t_val, entropy_weight=entropy_weight, tune_scales=tune_scales,
+                       delta=delta, linearize=linearize)
+    stn = make_stn(space, predict, cross_entropy, penalty=weight_decay_penalty,
+                   weight_optimizer=optax.adam(setup.lr), hyper_optimizer=optax.adam(hyper_lr), config=config)
+
+    def train_fn(k_shuffle, x, y):
+        return minibatch_fn((x, y), setup.batch, key=k_shuffle, num_steps=setup.steps)
+
+    def warm(state, args, offset, n):
+        key, k_shuffle, x, y = args
+        state, metrics = unroll(stn.weight_step, state, None, key=key, num_steps=n,
+                                batch_fn=train_fn(k_shuffle, x, y), step_offset=offset)
+        return state, {"loss": metrics["loss"]}
+
+    def cycle(state, args, offset, n):
+        key, k_shuffle, x, y, k_val, x_val, y_val = args
+        tf = train_fn(k_shuffle, x, y)
+        vf = minibatch_fn((x_val, y_val), min(setup.batch, x_val.shape[0]), mode="iid")
+
+        def cycle_batches(k, c):
+            t0 = warmup + c * t_train
+            tb = jax.vmap(lambda i: tf(jax.random.fold_in(k, i), t0 + i))(jnp.arange(t_train))
+            vb = jax.vmap(lambda i: vf(jax.random.fold_in(k_val, c * t_val + i), c))(jnp.arange(t_val))
+            return tb, vb
+
+        return unroll(stn.cycle_step, state, None, key=key, num_steps=n, batch_fn=cycle_batches, step_offset=offset)
+
+    return (stn, jax.jit(warm, static_argnums=3), jax.jit(cycle, static_argnums=3),
+            jax.jit(lambda s, x: stn.predict_at(s, x)))
 
 
 def train_stn(setup: MLPSetup, data: Dataset, *, delta: bool = False, linearize: bool = False, seed: int = 0,
@@ -268,39 +368,32 @@ def train_stn(setup: MLPSetup, data: Dataset, *, delta: bool = False, linearize:
     The schedule holds each hyperparameter's value at every weight step (for :func:`train_schedule`).
     """
     space = mlp_space(init)
-    config = STNConfig(t_train=t_train, t_val=t_val, entropy_weight=entropy_weight, tune_scales=tune_scales,
-                       delta=delta, linearize=linearize)
-    stn = make_stn(space, predict, cross_entropy, penalty=weight_decay_penalty,
-                   weight_optimizer=optax.adam(setup.lr), hyper_optimizer=optax.adam(hyper_lr), config=config)
+    if not 0 <= warmup < setup.steps:
+        raise ConfigError(f"warmup must be in [0, {setup.steps}), got {warmup}")
+    cycles = (setup.steps - warmup) // t_train
+    init_key = tuple(sorted((init or {}).items()))
+    stn, warm_program, cycle_program, predict_program = _stn_programs(
+        setup, init_key, delta, linearize, warmup, t_train, t_val, float(hyper_lr), float(entropy_weight),
+        tune_scales)
     key = jax.random.key(seed)
     k_init, k_run, k_shuffle, k_val = jax.random.split(key, 4)
     params = init_params(k_init, data.num_features, data.num_classes, setup.hidden, len(space))
     state = stn.init(params)
-    if not 0 <= warmup < setup.steps:
-        raise ConfigError(f"warmup must be in [0, {setup.steps}), got {warmup}")
-    cycles = (setup.steps - warmup) // t_train
-    train_fn = minibatch_fn((data.x_train, data.y_train), setup.batch, key=k_shuffle, num_steps=setup.steps)
-    val_fn = minibatch_fn((data.x_val, data.y_val), min(setup.batch, len(data.y_val)), mode="iid")
+    train = (k_shuffle, jnp.asarray(data.x_train), jnp.asarray(data.y_train))
+    val = (k_val, jnp.asarray(data.x_val), jnp.asarray(data.y_val))
 
     start = time.perf_counter()
     if warmup:
-        warm = run_chunked(stn.weight_step, state, None, key=jax.random.fold_in(k_run, 0), num_steps=warmup,
-                           batch_fn=train_fn, out_dir=None, config={}, chunk_size=chunk_size(warmup),
-                           progress=progress, desc="STN warm-up")
-        state = warm.state
-
-    def cycle_batches(k, c):
-        t0 = warmup + c * t_train
-        tb = jax.vmap(lambda i: train_fn(jax.random.fold_in(k, i), t0 + i))(jnp.arange(t_train))
-        vb = jax.vmap(lambda i: val_fn(jax.random.fold_in(k_val, c * t_val + i), c))(jnp.arange(t_val))
-        return tb, vb
-
-    out = run_chunked(stn.cycle_step, state, None, key=jax.random.fold_in(k_run, 1), num_steps=cycles,
-                      batch_fn=cycle_batches, out_dir=None, config={}, chunk_size=chunk_size(cycles), progress=progress,
-                      desc="Delta-STN" if delta else "STN")
+        state, _ = _run_chunks(warm_program, state, (jax.random.fold_in(k_run, 0), *train), warmup,
+                               progress=progress, desc="STN warm-up")
+    state, history = _run_chunks(cycle_program, state, (jax.random.fold_in(k_run, 1), *train, *val), cycles,
+                                 progress=progress, desc="Delta-STN" if delta else "STN")
     wall = time.perf_counter() - start
-    ev = evaluate(jax.jit(lambda s, x: stn.predict_at(s, x)), out.state, data)
-    hist = {k[3:]: np.asarray(v) for k, v in out.history.items() if k.startswith("hp/")}
+    bad = ~np.isfinite(history["loss"])
+    if bad.any():
+        raise NonFiniteLossError(int(np.argmax(bad)))
+    ev = evaluate(predict_program, state, data)
+    hist = {k[3:]: np.asarray(v) for k, v in history.items() if k.startswith("hp/")}
     init_vals = space.values(space.init_unconstrained())
     # Per weight step: the initial values through warm-up, then each cycle's values for its steps.
     schedule = {}
@@ -311,4 +404,4 @@ def train_stn(setup: MLPSetup, data: Dataset, *, delta: bool = False, linearize:
         schedule[name] = np.concatenate([steps, np.full(tail, hist[name][-1])]).astype(np.float32)
     final = {name: float(hist[name][-1]) for name in space.names}
     return {**ev, "wall_s": wall, "final_hparams": final, "schedule": schedule,
-            "cycle_val_loss": np.asarray(out.history["val_loss"]), "cycles": cycles}
+            "cycle_val_loss": np.asarray(history["val_loss"]), "cycles": cycles}

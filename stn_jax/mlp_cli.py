@@ -3,7 +3,7 @@
 ::
 
     python -m stn_jax mlp --dataset mnist1d|digits --seeds N --budget B --out DIR \\
-        [--steps T --methods stn,delta-stn,random,grid,optuna,fixed --no-progress ...]
+        [--steps T --lr LR --methods stn,stn-frozen,delta-stn,random,grid,optuna,fixed --no-progress ...]
 
 The MLP (:mod:`stn_jax.mlp`) has six regularisation hyperparameters: input dropout, two hidden
 dropouts, Gaussian input noise, weight decay and the magnitude of a random-shift augmentation.
@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", default=None, help=f"weight steps of every run (default {MLPSetup.steps})")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list (default {','.join(METHODS)})")
     p.add_argument("--out", required=True, help="output folder (results.json, cost.png, schedules.png)")
+    p.add_argument("--lr", default=str(MLPSetup.lr),
+                   help=f"Adam step size of every weight step, plain and STN (default {MLPSetup.lr:g})")
     p.add_argument("--hidden", default=",".join(map(str, MLPSetup.hidden)), help="hidden widths (default 100,100)")
     p.add_argument("--stn-warmup", default=None, help="STN weight steps before tuning starts (default steps/12)")
     p.add_argument("--hyper-lr", default="3e-3", help="STN's Adam step size on the hyperparameters")
@@ -99,6 +101,7 @@ def mlp_config(args: argparse.Namespace) -> dict:
     config = {
         "dataset": args.dataset, "seeds": _number(args.seeds, "seeds", minimum=1), "budget": budget,
         "steps": steps, "methods": methods, "hidden": hidden,
+        "lr": _number(args.lr, "lr", float, 0.0, strict=True),
         "stn": {"warmup": warmup, "t_train": t_train,
                 "hyper_lr": _number(args.hyper_lr, "hyper-lr", float, 0.0, strict=True),
                 "entropy_weight": _number(args.entropy_weight, "entropy-weight", float, 0.0)},
@@ -139,7 +142,8 @@ def run_mlp(config: dict, out_dir: str, *, progress: bool = False, log=None) -> 
     from stn_jax.mlp import MLPSetup, load_data
     from trainstep.runner import write_results
 
-    setup = MLPSetup(dataset=config["dataset"], hidden=tuple(config["hidden"]), steps=config["steps"])
+    setup = MLPSetup(dataset=config["dataset"], hidden=tuple(config["hidden"]), steps=config["steps"],
+                     lr=config.get("lr", MLPSetup.lr))
     data = load_data(setup)
     start = time.perf_counter()
     methods = compare(setup, data, methods=config["methods"], seeds=config["seeds"], budget=config["budget"],
@@ -159,7 +163,8 @@ def run_mlp(config: dict, out_dir: str, *, progress: bool = False, log=None) -> 
 # ---------------------------------------------------------------------------------------------
 # Plots
 
-COLORS = {"stn": "C3", "delta-stn": "C1", "random": "C0", "grid": "C2", "optuna": "C4", "fixed": "k"}
+COLORS = {"stn": "C3", "stn-frozen": "C5", "delta-stn": "C1", "random": "C0", "grid": "C2", "optuna": "C4",
+          "fixed": "k"}
 
 
 def _pyplot():

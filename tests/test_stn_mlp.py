@@ -12,11 +12,21 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from stn_jax import baselines, cli, schedule
-from stn_jax.mlp import SEARCH_SPACE, MLPSetup, load_data, mlp_space, train_fixed, train_fixed_batch, train_schedule
+from stn_jax.mlp import (
+    SEARCH_SPACE,
+    MLPSetup,
+    load_data,
+    mlp_space,
+    train_fixed,
+    train_fixed_batch,
+    train_schedule,
+    train_stn,
+)
 from trainstep.cli import run_main
 
 SETUP = MLPSetup(dataset="digits", hidden=(8,), batch=32, steps=24)
@@ -67,6 +77,8 @@ def data():
     ["--steps", "100", "--stn-warmup", "98", "--t-train", "5"],
     ["--hyper-lr", "0"],
     ["--hyper-lr", "nan"],
+    ["--lr", "0"],
+    ["--lr", "fast"],
     ["--entropy-weight", "-1"],
     ["--t-train", "0"],
     ["--optuna-batch", "0"],
@@ -169,6 +181,18 @@ def test_mlp_stn_schedule_is_recorded_per_weight_step(mlp_results):
         assert any(abs(run["hparams"][k] - v) > 1e-6 for k, v in init.items())  # the hyper steps moved them
 
 
+def test_mlp_stn_frozen_keeps_the_initial_hyperparameters(mlp_results):
+    """The ``stn-frozen`` control (hyper step size 0) trains the best-response network but never
+    moves the hyperparameters: its schedule is the initial values at every step."""
+    _, r = mlp_results
+    init = mlp_space().values(mlp_space().init_unconstrained())
+    run = r["methods"]["stn-frozen"]["per_seed"][0]
+    for name, v in init.items():
+        np.testing.assert_allclose(run["schedule"][name], v, rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(run["hparams"][name], v, rtol=1e-6, err_msg=name)
+    assert run["val_loss"] != r["methods"]["stn"]["per_seed"][0]["val_loss"]
+
+
 def test_mlp_searches_select_the_lowest_validation_loss(mlp_results):
     _, r = mlp_results
     for name in ("random", "grid", "optuna"):
@@ -228,6 +252,35 @@ def test_replaying_a_constant_schedule_is_the_fixed_run(data):
         np.testing.assert_allclose(replay[key], fixed[key], rtol=1e-5, err_msg=key)
 
 
+class _CountCompiles:
+    """Number of XLA backend compilations while the context is open."""
+
+    def __enter__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def _listen(self, event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def test_a_second_seed_reuses_the_compiled_programs(data):
+    """Seed-dependent keys, initial states and data are program arguments, not constants: once a
+    configuration has run for one seed, other seeds compile nothing (and give other results)."""
+    one = train_fixed(SETUP, data, {"dropout1": 0.1}, seed=0)
+    with _CountCompiles() as clock:
+        two = train_fixed(SETUP, data, {"dropout1": 0.1}, seed=1)
+    assert clock.count == 0 and one["val_loss"] != two["val_loss"]
+    s1 = train_stn(SETUP, data, seed=0, warmup=4)
+    with _CountCompiles() as clock:
+        s2 = train_stn(SETUP, data, seed=1, warmup=4)
+    assert clock.count == 0 and s1["val_loss"] != s2["val_loss"]
+
+
 def test_a_vmapped_batch_of_trials_equals_the_trials_one_by_one(data):
     values = {"dropout1": [0.0, 0.5], "weight_decay": [1e-4, 1e-2], "shift": [0.2, 0.0], "input_noise": [0.1, 0.0]}
     batch = train_fixed_batch(SETUP, data, values, seed=1)
@@ -259,9 +312,8 @@ def test_search_selection_and_settings():
     g = baselines.grid_values(10)
     assert all(len(v) == 8 for v in g.values())
     # Quartiles of each range; the three dropouts share a level, noise and shift move together.
-    np.testing.assert_allclose(sorted(set(g["dropout1"].tolist())), [0.2, 0.6], rtol=1e-6)
-    np.testing.assert_allclose(sorted(set(g["weight_decay"].tolist())),
-                               [10 ** -4.75, 10 ** -2.25], rtol=1e-5)
+    np.testing.assert_allclose(sorted(set(g["dropout1"].tolist())), [0.125, 0.375], rtol=1e-6)
+    np.testing.assert_allclose(sorted(set(g["weight_decay"].tolist())), [1e-5, 1e-3], rtol=1e-5)
     assert np.array_equal(g["input_dropout"], g["dropout2"])
     assert len(set(zip(g["input_noise"].tolist(), g["shift"].tolist(), strict=True))) == 2
     assert len({tuple(row) for row in np.stack(list(g.values()), 1).tolist()}) == 8  # all distinct
