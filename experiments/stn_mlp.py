@@ -55,9 +55,9 @@ def _markdown(results: dict) -> str:
             compute += f"; seed 0, compiling: {m['per_seed'][0]['cost_runs']:.2f}"
         rows.append([name, _pm(m, "val_loss", ".4f"), _pm(m, "test_loss", ".4f"),
                      _pm(m, "test_accuracy", ".1f", 100.0) + " %", _pm(m, "cost_runs", ".2f") + compute,
-                     _pm(m, "wall_s", ".1f")])
+                     _pm(m, "wall_s", ".1f"), _pm(m, "wall_runs", ".2f") if "wall_runs" in m else "–"])
     table = markdown_table(["method", "validation loss", "test loss", "test accuracy", "cost (plain runs)",
-                            "wall s"], rows)
+                            "wall s", "wall (plain runs)"], rows)
     if t["evaluated"]:
         verdict = (
             f"**Target** (STN's test accuracy ≥ the best of random search with {TARGET_BUDGET} trials and grid "
@@ -113,7 +113,8 @@ def _markdown(results: dict) -> str:
         f"{SEARCH_SPACE['shift'][1]:g}. Every run, plain or STN, takes its weight steps with the same Adam. "
         "Compiled programs take the seed's keys and the data as arguments, so seeds after the first reuse them: "
         "the cost column is the mean over seeds of STN's wall over the fixed run's (seed 0's ratio, both compiling, "
-        "beside it) and, in brackets, the same with compilation taken out."
+        "beside it) and, in brackets, the same with compilation taken out. The last column is every method's wall "
+        "in plain runs of the same seed: a search's vmapped trials take less wall than their count of runs."
         f"\n\n{table}\n\n{verdict}{frozen}{optuna}{moved}\n\n"
         "![best validation loss against cost](stn_mlp/cost.png)\n\n"
         "![STN hyperparameter schedules](stn_mlp/schedules.png)\n"

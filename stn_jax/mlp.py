@@ -2,7 +2,7 @@
 tunes: input dropout, two hidden dropouts, Gaussian input noise, weight decay and the magnitude of
 a random-shift augmentation.
 
-The same model trains three ways, each a ``trainstep.unroll`` of ``trainstep`` steps in jitted chunks:
+The same model trains three ways, each a ``trainstep.unroll`` of ``trainstep`` steps in one jitted call:
 
 * :func:`train_fixed`: a plain network (no response weights) at fixed hyperparameters (the
   baselines: fixed values, grid, random search, optuna);
@@ -72,19 +72,6 @@ class MLPSetup:
     steps: int = 6000  # weight steps of one plain training run
     lr: float = 1e-3
     val_fraction: float = 0.2
-
-
-def chunk_size(num_steps: int) -> int:
-    """Steps per jitted chunk of a run without checkpoints: a divisor of ``num_steps`` giving 10 to
-    40 chunks (for the progress bar), else the whole run. The runner compiles one program per chunk
-    length, so a chunk size that leaves a remainder would compile every run twice."""
-    for n_chunks in range(20, 41):
-        if num_steps % n_chunks == 0:
-            return num_steps // n_chunks
-    for n_chunks in range(19, 9, -1):
-        if num_steps % n_chunks == 0:
-            return num_steps // n_chunks
-    return num_steps
 
 
 def _regularise(x, hv, key, train):
@@ -179,23 +166,23 @@ def _replay_values(hparams, t):
     return {k: v[t] for k, v in hparams.items()}
 
 
-def _run_chunks(program, state, args, num_steps: int, *, progress: bool, desc: str):
+def _run_program(program, state, args, num_steps: int, *, progress: bool, desc: str):
     """Runs ``program(state, args, offset, n) -> (state, metrics)`` (jitted, ``n`` static) over steps
-    ``[0, num_steps)`` in chunks of :func:`chunk_size`; returns the final state and the metrics
-    concatenated along the step axis (numpy)."""
+    ``[0, num_steps)`` in one call; returns the final state and the metrics (numpy).
+
+    One call per run (per phase for STN), not chunks: a chunk would rebuild the run's table of
+    epoch permutations (:func:`trainstep.data.minibatch_fn`) and pay a dispatch and a transfer, an overhead that
+    measured about as much as the 2,000 plain steps themselves on the MNIST-1D MLP and would make
+    the plain run, the unit of cost, look slower than it is. The progress bar moves once, at the end.
+    """
     from tqdm.auto import tqdm
 
-    chunk = chunk_size(num_steps)
-    done, parts = 0, []
     with tqdm(total=num_steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True,
               file=sys.stderr) as bar:
-        while done < num_steps:
-            n = min(chunk, num_steps - done)
-            state, metrics = program(state, args, jnp.asarray(done, jnp.int32), n)
-            parts.append(jax.device_get(metrics))
-            done += n
-            bar.update(n)
-    return state, {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+        state, metrics = program(state, args, jnp.asarray(0, jnp.int32), num_steps)
+        metrics = jax.device_get(metrics)
+        bar.update(num_steps)
+    return state, {k: np.asarray(v) for k, v in metrics.items()}
 
 
 # The compiled programs are cached per static configuration and take everything that depends on the
@@ -245,7 +232,7 @@ def _train_plain(setup, data, hparams, replay, seed, progress, desc, trials=None
         state = jax.tree.map(lambda a: jnp.broadcast_to(a, (trials, *jnp.shape(a))), state)
     args = (hparams, k_run, k_shuffle, jnp.asarray(data.x_train), jnp.asarray(data.y_train))
     start = time.perf_counter()
-    state, history = _run_chunks(_plain_program(setup, replay, trials), state, args, setup.steps,
+    state, history = _run_program(_plain_program(setup, replay, trials), state, args, setup.steps,
                                  progress=progress, desc=desc)
     wall = time.perf_counter() - start
     if trials is None:
@@ -384,9 +371,9 @@ def train_stn(setup: MLPSetup, data: Dataset, *, delta: bool = False, linearize:
 
     start = time.perf_counter()
     if warmup:
-        state, _ = _run_chunks(warm_program, state, (jax.random.fold_in(k_run, 0), *train), warmup,
+        state, _ = _run_program(warm_program, state, (jax.random.fold_in(k_run, 0), *train), warmup,
                                progress=progress, desc="STN warm-up")
-    state, history = _run_chunks(cycle_program, state, (jax.random.fold_in(k_run, 1), *train, *val), cycles,
+    state, history = _run_program(cycle_program, state, (jax.random.fold_in(k_run, 1), *train, *val), cycles,
                                  progress=progress, desc="Delta-STN" if delta else "STN")
     wall = time.perf_counter() - start
     bad = ~np.isfinite(history["loss"])
