@@ -6,15 +6,17 @@ sees: at the meta-training size, at 4x width, at 2x depth and with a step activa
 exists). Each is scored by 10- and 50-shot episodes (10-way; ridge and logistic readouts) against
 random initialisation, an autoencoder trained with Adam for the same number of steps, PCA of the
 same width and the raw input, over 10 base-network seeds x 30 episodes; and along inner steps
-0, 10, 100, 1000 (ridge readout). Targets (issue "meta_rules"): the learned rule beats random
-initialisation by >= 3 points and at least matches the autoencoder at the same number of steps in
-10- and 50-shot; it still beats random initialisation at 4x width and 2x depth; on a step network it
-beats random step features by >= 5 points.
+(ridge readout) 0, 10, 100, 1000 at the base size, 0, 10, 100 for the other networks (small scale).
+Targets (issue "meta_rules"): the learned rule beats random initialisation by >= 3 points and at
+least matches the autoencoder at the same number of steps in 10- and 50-shot; it still beats random
+initialisation at 4x width and 2x depth; on a step network it beats random step features by >= 5 points.
 
-Caveat, stated in the report: transfer to MNIST-1D depends strongly on the meta-training seed. The
-default seed (0) was chosen during development among the few meta-training seeds tried, by this same
-held-out evaluation; the other seeds tried (with these settings, and with 16 tasks per meta-step) did
-not beat random initialisation. The figures are therefore those of a selected rule, not of a typical one.
+Selection of the rule, without MNIST-1D: several meta-training seeds are run and the one with the
+highest validation score is kept, the validation score being the 10-shot ridge accuracy (10-way, after
+the same EVAL_STEPS inner steps) on the held-out digits test split (``trainstep.load_digits``' test
+part; meta-training draws its digits tasks from the train split only). MNIST-1D is then evaluated for
+the selected rule; the MNIST-1D figures of every seed are reported afterwards, to show the spread, and
+play no part in the choice.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from meta_rules.evaluate import METHODS, FewShotConfig, evaluate_methods
 from trainstep.runner import write_json_atomic
 
 SCALES = {
-    "small": {"meta": {}, "seeds": 10, "episodes": 30, "curve": (10, 100, 1000)},
-    "large": {"meta": {"steps": 2000, "tasks": 16}, "seeds": 20, "episodes": 50, "curve": (10, 100, 1000, 3000)},
+    "small": {"meta": {}, "meta_seeds": (0, 1, 2), "seeds": 10, "episodes": 30, "curve": (10, 100, 1000),
+              "curve_other": (10,), "val_seeds": 5},
+    "large": {"meta": {"steps": 2000, "tasks": 16}, "meta_seeds": (0, 1, 2, 3, 4), "seeds": 20, "episodes": 50,
+              "curve": (10, 100, 1000, 3000), "curve_other": (10, 1000), "val_seeds": 10},
 }
 EVAL_STEPS = 100  # N: inner steps of the rule and the autoencoder in the tables
 GAIN_OVER_RANDOM = 0.03
@@ -51,33 +55,99 @@ def settings(width: int, depth: int) -> dict:
     }
 
 
+def validation_data():
+    """``(x, y)``: the held-out digits test split, which meta-training (digits train split) never sees."""
+    from trainstep.data import load_digits
+
+    d = load_digits()
+    return d.x_test, d.y_test
+
+
+def ridge10(ev: dict, method: str = "rule") -> float:
+    """10-shot ridge accuracy of ``method`` in an :func:`evaluate_methods` result."""
+    return ev["methods"][method]["ridge"]["10"]["mean"]
+
+
+def select_seed(validation: dict) -> int:
+    """The meta-training seed with the highest validation score (ties: the smallest seed)."""
+    return max(sorted(validation), key=lambda s: validation[s])
+
+
 def run(out_dir: str, scale: str) -> Section:
     cfg = SCALES[scale]
-    meta_config = meta_train_config(**cfg["meta"])
-    meta_dir = os.path.join(out_dir, "runs", "meta_train")
-    t0 = time.perf_counter()
-    meta = run_meta_train(meta_config, meta_dir, checkpoint_every=50, progress=False)
-    meta_wall = time.perf_counter() - t0
-    for name in ("theta.npz", "meta_loss.png"):  # runs/ is not kept in git: keep the rule and its curve
-        shutil.copy(os.path.join(meta_dir, name), os.path.join(out_dir, name))
-    theta, rule_config, metadata = load_rule(meta_dir)
+    defaults = meta_train_config(**cfg["meta"])
+    width, depth = defaults["width"], defaults["depth"]
+    base_hidden = (width,) * depth
+    x_val, y_val = validation_data()
     x, y, source = load_eval_data(None, "mnist1d")
+    one_shot = lambda seeds: FewShotConfig(shots=(10,), queries=20, episodes=cfg["episodes"], seeds=seeds,
+                                           batch_size=defaults["batch"])
+    seeds_out, rules = {}, {}
+    t_all = time.perf_counter()
+    for seed in cfg["meta_seeds"]:  # 1. meta-train every seed, score each on the validation tasks only
+        meta_config = meta_train_config(**cfg["meta"], seed=seed)
+        meta_dir = os.path.join(out_dir, "runs", f"meta_train_seed{seed}")
+        t0 = time.perf_counter()
+        meta = run_meta_train(meta_config, meta_dir, checkpoint_every=50, progress=False)
+        wall = time.perf_counter() - t0
+        theta, rule_config, _ = load_rule(meta_dir)
+        rules[seed] = (theta, rule_config, meta_dir)
+        val = evaluate_methods(theta, rule_config, x_val, y_val, hidden=base_hidden, activation="relu",
+                               steps=EVAL_STEPS, config=one_shot(cfg["val_seeds"]), methods=("rule", "random"),
+                               key=jax.random.key(1), source="digits/test")
+        seeds_out[seed] = {"config": meta_config, "metrics": meta["metrics"], "wall_s": wall,
+                           "curve": meta["curves"]["loss"], "validation_rule": ridge10(val),
+                           "validation_random": ridge10(val, "random")}
+    selected = select_seed({s: v["validation_rule"] for s, v in seeds_out.items()})
+    for seed, (theta, rule_config, _) in rules.items():  # 2. after the choice: MNIST-1D of every seed (spread)
+        ev = evaluate_methods(theta, rule_config, x, y, hidden=base_hidden, activation="relu", steps=EVAL_STEPS,
+                              config=one_shot(cfg["seeds"]), methods=("rule", "random"), key=jax.random.key(0),
+                              source=source)
+        seeds_out[seed].update(mnist1d_rule=ridge10(ev), mnist1d_random=ridge10(ev, "random"))
+    selection_wall = time.perf_counter() - t_all
+    theta, rule_config, meta_dir = rules[selected]
+    meta_config = seeds_out[selected]["config"]
+    shutil.copy(os.path.join(meta_dir, "theta.npz"), os.path.join(out_dir, "theta.npz"))  # runs/ is not in git
+    _plot_meta_loss(out_dir, seeds_out, selected)
     protocol = FewShotConfig(shots=(10, 50), queries=20, episodes=cfg["episodes"], seeds=cfg["seeds"],
                              batch_size=meta_config["batch"])
     evals, walls = {}, {}
-    for name, (hidden, activation) in settings(meta_config["width"], meta_config["depth"]).items():
+    for name, (hidden, activation) in settings(width, depth).items():  # 3. the selected rule on MNIST-1D
         t0 = time.perf_counter()
         evals[name] = evaluate_methods(theta, rule_config, x, y, hidden=hidden, activation=activation,
-                                       steps=EVAL_STEPS, curve_steps=cfg["curve"], config=protocol,
+                                       steps=EVAL_STEPS, curve_steps=cfg["curve"] if name == "base"
+                                       else cfg["curve_other"], config=protocol,
                                        key=jax.random.key(0), source=source)
         walls[name] = time.perf_counter() - t0
     targets = check_targets(evals)
-    results = {"meta_train": {"config": meta_config, "metrics": meta["metrics"], "wall_s": meta_wall},
+    results = {"selection": {"rule": "argmax over meta-training seeds of the 10-shot ridge accuracy on the "
+                                     f"digits test split after {EVAL_STEPS} inner steps (MNIST-1D unused)",
+                             "selected_seed": selected, "wall_s": selection_wall,
+                             "validation_base_seeds": cfg["val_seeds"], "validation_episodes": cfg["episodes"],
+                             "validation_n": int(len(y_val)),
+                             "seeds": {str(s): {k: v for k, v in o.items() if k != "curve"}
+                                       for s, o in seeds_out.items()}},
+               "meta_train": {"config": meta_config, "metrics": seeds_out[selected]["metrics"],
+                              "wall_s": seeds_out[selected]["wall_s"]},
                "eval_steps": EVAL_STEPS, "evaluations": evals, "eval_wall_s": walls, "targets": targets}
     write_json_atomic(os.path.join(out_dir, "results.json"), results)
     _plot(out_dir, evals)
     return Section("Meta-learned unsupervised update rules: few-shot accuracy on held-out MNIST-1D",
-                   _markdown(results, meta_dir))
+                   _markdown(results))
+
+
+def _plot_meta_loss(out_dir: str, seeds_out: dict, selected: int) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for seed, o in seeds_out.items():
+        ax.plot(o["curve"]["step"], o["curve"]["value"], lw=2.0 if seed == selected else 1.0,
+                label=f"seed {seed}" + (" (selected)" if seed == selected else ""))
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel("meta-loss (cosine ridge readout)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "meta_loss.png"), dpi=120)
+    plt.close(fig)
 
 
 def _mean(evals, setting, method, shots, readout="ridge"):
@@ -144,12 +214,29 @@ def _pm(s: dict) -> str:
     return f"{s['mean']:.3f} ± {s['std']:.3f}"
 
 
-def _markdown(results: dict, meta_dir: str) -> str:
+def _markdown(results: dict) -> str:
     meta, evals = results["meta_train"], results["evaluations"]
     c = meta["config"]
     m = meta["metrics"]
+    sel = results["selection"]
+    srows = [[f"{s}" + (" (selected)" if int(s) == sel["selected_seed"] else ""),
+              f"{o['metrics']['meta_loss_first']:.4f} -> {o['metrics']['meta_loss_last']:.4f}",
+              f"{o['validation_rule']:.3f}", f"{o['validation_random']:.3f}", f"{o['mnist1d_rule']:.3f}",
+              f"{o['mnist1d_random']:.3f}", f"{o['mnist1d_rule'] - o['mnist1d_random']:+.3f}"]
+             for s, o in sel["seeds"].items()]
     parts = [
-        f"Meta-training: {c['estimator']}, {c['steps']} meta-steps of {c['tasks']} vmapped tasks "
+        f"**Selection of the rule (MNIST-1D not used).** {len(srows)} meta-training seeds, each with the "
+        f"settings below; the rule kept is the {sel['rule']}. MNIST-1D figures of every seed were computed "
+        "only after the choice, to show the spread (10-shot ridge, base network, "
+        f"{EVAL_STEPS} inner steps; validation over {sel['validation_base_seeds']} base-network seeds x "
+        f"{sel['validation_episodes']} episodes on the {sel['validation_n']} digits test images). "
+        "The meta-training keys are `jax.random.split(key(seed), 3)`; an earlier version of this experiment "
+        "had picked its seed by MNIST-1D accuracy, which this replaces. "
+        f"Meta-training, selection and per-seed figures: {sel['wall_s']:.0f} s.\n\n"
+        + markdown_table(["meta seed", "meta-loss first -> last tenth", "digits-test rule", "digits-test random",
+                          "MNIST-1D rule", "MNIST-1D random", "MNIST-1D gain"], srows),
+        f"Meta-training (selected seed {sel['selected_seed']}): {c['estimator']}, {c['steps']} meta-steps of "
+        f"{c['tasks']} vmapped tasks "
         f"({c['num_classes']}-way "
         f"digits with class subsets, pixel permutations, noise and shifts; {c['clustered_weight']:.0%} synthetic "
         f"clusters), base MLP 64-{'-'.join([str(c['width'])] * c['depth'])} ({c['activation']}, batch norm), "
@@ -158,7 +245,7 @@ def _markdown(results: dict, meta_dir: str) -> str:
         f"{c['max_step']:g} "
         f"with the harmonic schedule 1/(1 + t/{c['decay_steps']:g}). Meta-loss (cosine ridge "
         f"readout along the trajectory) {m['meta_loss_first']:.4f} (first tenth) -> {m['meta_loss_last']:.4f} "
-        f"(last tenth); {meta['wall_s']:.0f} s. Curve: `meta_rules/meta_loss.png`; θ: "
+        f"(last tenth); {meta['wall_s']:.0f} s. Curves (every seed): `meta_rules/meta_loss.png`; θ: "
         "`meta_rules/theta.npz` (`python -m meta_rules evaluate --rule results/meta_rules ...`).",
         f"Evaluation on MNIST-1D (never seen in meta-training), all 5,000 examples, 10-way; "
         f"{EVAL_STEPS} inner steps for the rule and the autoencoder (Adam 1e-3, linear decoder); "
@@ -176,9 +263,4 @@ def _markdown(results: dict, meta_dir: str) -> str:
              for t in results["targets"]]
     parts.append("Targets (ridge readout):\n\n" + markdown_table(["target", "rule", "reference", "met"], trows))
     parts.append("![accuracy against inner steps](meta_rules/accuracy_vs_steps.png)")
-    parts.append("**Caveat.** Transfer to MNIST-1D depends strongly on the meta-training seed: the default seed "
-                 f"({c['seed']}) was chosen during development, among the few seeds tried, by this same held-out "
-                 "evaluation; the other seeds tried (these settings, and 16 tasks per meta-step) did not beat random "
-                 "initialisation on MNIST-1D although their meta-loss on the training tasks fell as much. These "
-                 "figures are those of a selected rule, not of a typical meta-training run.")
     return "\n\n".join(parts) + "\n"

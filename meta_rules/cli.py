@@ -66,17 +66,19 @@ def meta_train_config(estimator: str = "tbptt", steps: int = 400, tasks: int = 8
                 num_classes=num_classes, shots=shots, clustered_weight=clustered_weight, seed=seed)
 
 
-def meta_run_key(seed: int):
-    """Keys of a meta-training run: θ from ``key(3 seed)``, the episodes from ``key(3 seed + 1)``, the
-    meta-steps from this, ``key(3 seed + 2)``."""
+def meta_run_keys(seed: int):
+    """``(k_theta, k_episodes, k_steps)`` of a meta-training run: ``jax.random.split(key(seed), 3)``.
+
+    θ's initialisation, the initial inner episodes and the meta-steps' randomness all derive from
+    ``seed`` alone; no seed is special.
+    """
     import jax
 
-    return jax.random.key(3 * seed + 2)
+    return tuple(jax.random.split(jax.random.key(seed), 3))
 
 
 def build_meta_training(config: dict):
     """``(meta_step, state, rule_config, unroll_config)`` for ``config``, validated (nothing written)."""
-    import jax
 
     from meta_rules.estimators import ESTIMATORS, make_estimator
     from meta_rules.meta_train import make_meta_train_step, meta_optimizer
@@ -98,7 +100,7 @@ def build_meta_training(config: dict):
                                 config["num_classes"], unroll_config, rule_config)
     estimator = make_estimator(unroller, config["estimator"], sigma=config["sigma"])
     meta_step = make_meta_train_step(estimator, meta_optimizer(config["lr"], config["clip"]))
-    k_theta, k_states = jax.random.key(3 * config["seed"]), jax.random.key(3 * config["seed"] + 1)
+    k_theta, k_states, _ = meta_run_keys(config["seed"])
     state = meta_step.init(init_theta(k_theta, rule_config), k_states, config["tasks"])
     return meta_step, state, rule_config, unroll_config
 
@@ -133,7 +135,7 @@ def run_meta_train(config: dict, out_dir: str, *, checkpoint_every: Optional[int
     from trainstep.runner import downsample_curve, run_chunked, write_results
 
     meta_step, state, rule_config, unroll_config = build_meta_training(config)
-    run = run_chunked(meta_step, state, None, key=meta_run_key(config["seed"]),
+    run = run_chunked(meta_step, state, None, key=meta_run_keys(config["seed"])[2],
                       num_steps=config["steps"], batch_fn=lambda k, t: None, out_dir=out_dir, config=config,
                       chunk_size=checkpoint_every, desc=f"meta-train/{config['estimator']}", progress=progress)
     loss = np.asarray(run.history["loss"], np.float64)
