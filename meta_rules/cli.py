@@ -27,22 +27,10 @@ import time
 from collections.abc import Sequence
 from typing import Optional
 
-from trainstep.cli import _float, _positive_int, run_main
+from trainstep.cli import _float, _nonneg_int, _positive_int, run_main
 from trainstep.runner import ConfigError
 
 THETA_FILE = "theta.npz"
-
-
-def _nonneg_int(name):
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
-        return v
-    return parse
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple, Optional
 
 from stn_jax import mlp_cli, schedule_cli
-from trainstep.cli import _float, _positive_int, run_main
+from trainstep.cli import _float, _nonneg_int, _positive_int, run_main
 from trainstep.runner import ConfigError
 
 
@@ -34,18 +34,6 @@ class Command(NamedTuple):
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
-
-
-def _nonneg_int(name):
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
-        return v
-    return parse
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,22 +18,10 @@ import argparse
 import os
 import sys
 
-from trainstep.cli import _float, _positive_int
+from trainstep.cli import _float, _nonneg_int, _positive_int
 from trainstep.runner import ConfigError
 
 HELP = "STN's hyperparameter schedule against the best fixed value, replayed and held at its final value"
-
-
-def _nonneg_int(name):
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
-        return v
-    return parse
 
 
 def _floats(name):

@@ -36,16 +36,24 @@ def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Opt
         return 130
 
 
-def _positive_int(name):
+def _int_at_least(name, minimum: int):
     def parse(text):
         try:
             v = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {v}")
         return v
     return parse
+
+
+def _positive_int(name):
+    return _int_at_least(name, 1)
+
+
+def _nonneg_int(name):
+    return _int_at_least(name, 0)
 
 
 def _float(name, *, positive=False, nonneg=False):
