@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from stn_jax.hparams import HParam, HParamSpace
 from stn_jax.layers import GENERAL, best_response_dense, init_best_response_dense
@@ -310,12 +311,12 @@ def train_schedule(setup: MLPSetup, data: Dataset, schedule: dict, *, seed: int 
 
 @functools.lru_cache(maxsize=16)
 def _stn_programs(setup: MLPSetup, init: tuple, delta: bool, linearize: bool, warmup: int, t_train: int,
-                  t_val: int, hyper_lr: float, entropy_weight: float, tune_scales: bool):
+                  t_val: int, hyper_lr: float, entropy_weight: float, tune_scales: bool, centre_at_init: bool):
     """The STN object and its jitted warm-up, cycle and prediction programs for one configuration
     (seed-dependent keys, the initial state and the data are arguments)."""
     space = mlp_space(dict(init))
     config = STNConfig(t_train=t_train, t_val=t_val, entropy_weight=entropy_weight, tune_scales=tune_scales,
-                       delta=delta, linearize=linearize)
+                       delta=delta, linearize=linearize, centre_at_init=centre_at_init and not delta)
     stn = make_stn(space, predict, cross_entropy, penalty=weight_decay_penalty,
                    weight_optimizer=optax.adam(setup.lr), hyper_optimizer=optax.adam(hyper_lr), config=config)
 
@@ -335,8 +336,8 @@ def _stn_programs(setup: MLPSetup, init: tuple, delta: bool, linearize: bool, wa
 
         def cycle_batches(k, c):
             t0 = warmup + c * t_train
-            tb = jax.vmap(lambda i: tf(jax.random.fold_in(k, i), t0 + i))(jnp.arange(t_train))
-            vb = jax.vmap(lambda i: vf(jax.random.fold_in(k_val, c * t_val + i), c))(jnp.arange(t_val))
+            tb = lax.map(lambda i: tf(jax.random.fold_in(k, i), t0 + i), jnp.arange(t_train))
+            vb = lax.map(lambda i: vf(jax.random.fold_in(k_val, c * t_val + i), c), jnp.arange(t_val))
             return tb, vb
 
         return unroll(stn.cycle_step, state, None, key=key, num_steps=n, batch_fn=cycle_batches, step_offset=offset)
@@ -348,11 +349,18 @@ def _stn_programs(setup: MLPSetup, init: tuple, delta: bool, linearize: bool, wa
 def train_stn(setup: MLPSetup, data: Dataset, *, delta: bool = False, linearize: bool = False, seed: int = 0,
               init: Optional[dict] = None, warmup: int = 500, t_train: int = 5, t_val: int = 1,
               hyper_lr: float = 3e-3, entropy_weight: float = 1e-3, tune_scales: bool = True,
-              progress: bool = False) -> dict:
+              centre_at_init: bool = True, progress: bool = False) -> dict:
     """STN (or Delta-STN) with ``setup.steps`` weight steps in all (``warmup`` of them before
     tuning starts), returning accuracies, the schedule and wall time.
 
     The schedule holds each hyperparameter's value at every weight step (for :func:`train_schedule`).
+
+    ``centre_at_init`` (STN only; see :class:`stn_jax.STNConfig`): the hypernetwork sees the offset
+    of the hyperparameters from their initial values. With the raw unconstrained values (``False``,
+    the official code's input: ``log 1e-4 = -9.2`` for the weight decay) the response modulates
+    every unit from the start and the same network at the same, untuned values lost about 8 points
+    of MNIST-1D test accuracy against the plain network (64.6 % against 72.9 %, 3 seeds, 2,000 steps);
+    centred, it is within a point of it.
     """
     space = mlp_space(init)
     if not 0 <= warmup < setup.steps:
@@ -361,7 +369,7 @@ def train_stn(setup: MLPSetup, data: Dataset, *, delta: bool = False, linearize:
     init_key = tuple(sorted((init or {}).items()))
     stn, warm_program, cycle_program, predict_program = _stn_programs(
         setup, init_key, delta, linearize, warmup, t_train, t_val, float(hyper_lr), float(entropy_weight),
-        tune_scales)
+        tune_scales, centre_at_init)
     key = jax.random.key(seed)
     k_init, k_run, k_shuffle, k_val = jax.random.split(key, 4)
     params = init_params(k_init, data.num_features, data.num_classes, setup.hidden, len(space))

@@ -70,6 +70,12 @@ class STNConfig:
       tune_scales: learn ``sigma``; otherwise it stays at its declared value.
       delta: Delta-STN (centred response, split objectives).
       linearize: Delta-STN's linearisation of the network in its response (needs ``delta``).
+      centre_at_init: STN only: the hypernetwork sees ``u~ - u_0``, the offset from the initial
+        values, instead of the raw unconstrained values ``u~``. The model class is the same (the
+        constant ``-(u_0 V) * (x W_r)`` is a linear map that the general weights can absorb), but
+        the response starts near zero, so that the initial best-response network is its plain
+        counterpart rather than one modulated by unconstrained values far from zero (a weight decay
+        of 1e-4 is ``log 1e-4 = -9.2``). Delta-STN centres on the current values instead.
     """
 
     t_train: int = 5
@@ -78,12 +84,15 @@ class STNConfig:
     tune_scales: bool = True
     delta: bool = False
     linearize: bool = False
+    centre_at_init: bool = False
 
     def __post_init__(self):
         if self.t_train < 1 or self.t_val < 1:
             raise ConfigError(f"t_train and t_val must be >= 1, got {self.t_train}, {self.t_val}")
         if self.linearize and not self.delta:
             raise ConfigError("linearize is part of Delta-STN: set delta=True as well")
+        if self.centre_at_init and self.delta:
+            raise ConfigError("centre_at_init is for STN: Delta-STN centres on the current values")
         if self.entropy_weight < 0:
             raise ConfigError(f"entropy_weight must be >= 0, got {self.entropy_weight}")
 
@@ -134,8 +143,12 @@ def make_stn(
     tau = config.entropy_weight
     skip_centre = config.delta and passes_h_to_layers
 
+    u_ref = space.init_unconstrained()
+
     def hnet_input(u_tilde, u):
-        return u_tilde - lax.stop_gradient(u)[None, :] if config.delta else u_tilde
+        if config.delta:
+            return u_tilde - lax.stop_gradient(u)[None, :]
+        return u_tilde - u_ref[None, :] if config.centre_at_init else u_tilde
 
     def train_objective(params, x, y, h, hvals, key, h_predict=None):
         out = predict(params, x, h if h_predict is None else h_predict, hvals, key, True)

@@ -322,3 +322,44 @@ def test_search_selection_and_settings():
         assert np.array_equal(r1[name], r2[name])
         assert np.all(r1[name] >= low * (1 - 1e-6)) and np.all(r1[name] <= high * (1 + 1e-6))
     assert not np.array_equal(baselines.random_values(50, seed=5)["dropout1"], r1["dropout1"])
+
+
+def test_centre_at_init_starts_at_the_plain_network_and_is_stn_only(data):
+    """With the hypernetwork fed the offset from the initial values, the untrained best-response
+    network at the initial values is exactly the plain network of its general weights; with the raw
+    unconstrained values it is not (the response modulates every unit)."""
+    import jax.numpy as jnp
+
+    from stn_jax import mlp
+    from stn_jax.stn import STNConfig
+    from trainstep.runner import ConfigError
+
+    params = mlp.init_params(jax.random.key(0), data.num_features, data.num_classes, SETUP.hidden, 6)
+    x = jnp.asarray(data.x_val[:16])
+    plain = mlp.predict_plain(params, x, {}, jax.random.key(0), False)
+    outs = {}
+    for centre in (True, False):
+        stn, *_, predict_program = mlp._stn_programs(SETUP, (), False, False, 4, 5, 1, 3e-3, 1e-3, True, centre)
+        outs[centre] = np.asarray(predict_program(stn.init(params), x))
+    np.testing.assert_allclose(outs[True], np.asarray(plain), rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(outs[False] - np.asarray(plain))) > 1e-2
+    with pytest.raises(ConfigError, match="centre_at_init"):
+        STNConfig(delta=True, centre_at_init=True)
+
+
+def test_cycle_batches_drawn_with_lax_map_are_the_per_step_batches():
+    """The STN cycle draws its t_train training batches with ``lax.map`` (``jax.vmap`` would turn
+    ``minibatch_fn``'s table-or-compute ``cond`` into a select that sorts a permutation every
+    step): the batches are those of the plain run's steps."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    from trainstep.data import minibatch_fn
+
+    x = jnp.arange(40.0).reshape(20, 2)
+    fn = minibatch_fn((x,), 4, key=jax.random.key(1), num_steps=12)
+    t0 = 3
+    drawn = jax.jit(lambda k: lax.map(lambda i: fn(jax.random.fold_in(k, i), t0 + i), jnp.arange(5)))(
+        jax.random.key(2))
+    for i in range(5):
+        np.testing.assert_array_equal(np.asarray(drawn[0][i]), np.asarray(fn(None, t0 + i)[0]))

@@ -412,7 +412,9 @@ def minibatch_fn(arrays, batch_size: int, *, mode: str = "epoch", key: Optional[
       num_steps: in ``"epoch"`` mode, the number of steps the run will take, if known: the
         permutations of those epochs are then computed once, up front, instead of at every step
         (a sort of the whole index set per step otherwise dominates small models). The batches
-        are the same either way; steps beyond ``num_steps`` fall back to computing.
+        are the same either way; steps beyond ``num_steps`` fall back to computing. The choice is
+        a ``lax.cond``: to draw several steps' batches at once use ``lax.map`` over the steps, not
+        ``jax.vmap``, which turns the cond into a select that computes the permutation every time.
 
     Example:
       >>> batch_fn = minibatch_fn((x, y), 100, key=jax.random.key(0), num_steps=6000)
