@@ -325,7 +325,7 @@ def mnist1d_run_fns(steps: int = MNIST_STEPS):
     cycles = (steps - warmup) // T_TRAIN
     stn = stn_jax.make_stn(space, mlp.predict, mlp.cross_entropy, penalty=mlp.weight_decay_penalty,
                            weight_optimizer=optax.adam(setup.lr), hyper_optimizer=optax.adam(3e-3),
-                           config=stn_jax.STNConfig(t_train=T_TRAIN, t_val=T_VAL))
+                           config=stn_jax.STNConfig(t_train=T_TRAIN, t_val=T_VAL, centre_at_init=True))
     plain = mlp.plain_step(setup, lambda h, t: h)
     key = jax.random.key(0)
     params = mlp.init_params(key, data.num_features, data.num_classes, setup.hidden, len(space))
