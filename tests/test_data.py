@@ -488,3 +488,28 @@ def test_minibatch_fn_precomputed_epochs_give_the_same_batches():
     eager = D.minibatch_fn((x, y), 8, key=key, num_steps=20)
     run = lambda bf: jax.jit(lambda: jax.lax.map(lambda t: bf(None, t)[1], jnp.arange(40)))()
     np.testing.assert_array_equal(run(lazy), run(eager))
+
+
+def test_minibatch_fn_vmapped_over_steps_equals_step_by_step():
+    """Several steps' batches drawn at once with ``jax.vmap`` (inside and past the precomputed
+    table of epochs, and with the shuffle key itself vmapped over seeds) are the batches of the
+    steps one by one."""
+    from jax import lax
+
+    x = jnp.arange(60.0).reshape(30, 2)
+    y = jnp.arange(30)
+    fn = D.minibatch_fn((x, y), 7, key=jax.random.key(3), num_steps=20)  # table: 5 epochs of 4 steps
+    steps = jnp.arange(14, 26)  # crosses the table's end at step 20
+    drawn = jax.jit(jax.vmap(lambda t: fn(None, t)))(steps)
+    for i, t in enumerate(range(14, 26)):
+        one = fn(None, t)
+        np.testing.assert_array_equal(np.asarray(drawn[0][i]), np.asarray(one[0]))
+        np.testing.assert_array_equal(np.asarray(drawn[1][i]), np.asarray(one[1]))
+
+    def per_seed(key):
+        f = D.minibatch_fn((y,), 7, key=key, num_steps=20)
+        return jax.vmap(lambda t: f(None, t))(steps)[0], lax.map(lambda t: f(None, t), steps)[0]
+
+    a, b = jax.jit(jax.vmap(per_seed))(jax.random.split(jax.random.key(4), 3))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(a[1]))  # the seeds shuffle differently

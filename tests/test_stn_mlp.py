@@ -348,9 +348,8 @@ def test_centre_at_init_starts_at_the_plain_network_and_is_stn_only(data):
 
 
 def test_cycle_batches_drawn_with_lax_map_are_the_per_step_batches():
-    """The STN cycle draws its t_train training batches with ``lax.map`` (``jax.vmap`` would turn
-    ``minibatch_fn``'s table-or-compute ``cond`` into a select that sorts a permutation every
-    step): the batches are those of the plain run's steps."""
+    """The STN cycle draws its t_train training batches with ``lax.map``: the batches are those of
+    the plain run's steps."""
     import jax.numpy as jnp
     from jax import lax
 

@@ -397,6 +397,31 @@ def ridge_optimal_lambda(problem: RidgeProblem, *, low: float = 1e-6, high: floa
 # Minibatches inside jit
 
 
+def _epoch_permutation(key: jax.Array, epoch: jax.Array, *, n: int) -> jax.Array:
+    return jax.random.permutation(jax.random.fold_in(key, epoch), n).astype(jnp.int32)
+
+
+@jax.custom_batching.custom_vmap
+def _tabled_permutation(table: jax.Array, key: jax.Array, epoch: jax.Array) -> jax.Array:
+    """``table[epoch]`` for the epochs the table holds, else the permutation computed."""
+    return jax.lax.cond(epoch < table.shape[0], lambda e: table[jnp.minimum(e, table.shape[0] - 1)],
+                        functools.partial(_epoch_permutation, key, n=table.shape[1]), epoch)
+
+
+@_tabled_permutation.def_vmap
+def _tabled_permutation_vmap(axis_size, in_batched, *args):
+    # A batched cond would be a select that computes the fallback's sort every time: map instead,
+    # over the batched arguments only (an unbatched table is not copied per element).
+    del axis_size
+    batched = tuple(a for a, b in zip(args, in_batched, strict=True) if b)
+
+    def one(values):
+        it = iter(values)
+        return _tabled_permutation(*(next(it) if b else a for a, b in zip(args, in_batched, strict=True)))
+
+    return jax.lax.map(one, batched), True
+
+
 def minibatch_fn(arrays, batch_size: int, *, mode: str = "epoch", key: Optional[jax.Array] = None,
                  num_steps: Optional[int] = None) -> Callable[[jax.Array, jax.Array], tuple]:
     """A ``batch_fn(key, t)`` for :func:`trainstep.unroll` that samples from device arrays.
@@ -412,9 +437,10 @@ def minibatch_fn(arrays, batch_size: int, *, mode: str = "epoch", key: Optional[
       num_steps: in ``"epoch"`` mode, the number of steps the run will take, if known: the
         permutations of those epochs are then computed once, up front, instead of at every step
         (a sort of the whole index set per step otherwise dominates small models). The batches
-        are the same either way; steps beyond ``num_steps`` fall back to computing. The choice is
-        a ``lax.cond``: to draw several steps' batches at once use ``lax.map`` over the steps, not
-        ``jax.vmap``, which turns the cond into a select that computes the permutation every time.
+        are the same either way; steps beyond ``num_steps`` fall back to computing. The returned
+        function may be ``jax.vmap``-ed over steps (several steps' batches at once): the choice
+        between the table and the fallback is a ``lax.cond``, which ``vmap`` would turn into a
+        select that sorts a permutation every time, so under ``vmap`` it runs as a ``lax.map``.
 
     Example:
       >>> batch_fn = minibatch_fn((x, y), 100, key=jax.random.key(0), num_steps=6000)
@@ -437,20 +463,16 @@ def minibatch_fn(arrays, batch_size: int, *, mode: str = "epoch", key: Optional[
     if key is None:
         raise ValueError("minibatch_fn(mode='epoch') needs key= (the seed of the per-epoch shuffles)")
     per_epoch = n // batch_size
-    permutation = lambda epoch: jax.random.permutation(jax.random.fold_in(key, epoch), n).astype(jnp.int32)
+    permutation = functools.partial(_epoch_permutation, n=n)
     table = None
     if num_steps is not None:
         num_epochs = max(1, -(-int(num_steps) // per_epoch))
-        table = jax.jit(jax.vmap(permutation))(jnp.arange(num_epochs, dtype=jnp.int32))
+        table = jax.jit(jax.vmap(permutation, in_axes=(None, 0)))(key, jnp.arange(num_epochs, dtype=jnp.int32))
 
     def batch_fn(k, t):
         del k
         epoch, pos = t // per_epoch, t % per_epoch
-        if table is None:
-            perm = permutation(epoch)
-        else:
-            perm = jax.lax.cond(epoch < table.shape[0],
-                                lambda e: table[jnp.minimum(e, table.shape[0] - 1)], permutation, epoch)
+        perm = permutation(key, epoch) if table is None else _tabled_permutation(table, key, epoch)
         idx = jax.lax.dynamic_slice_in_dim(perm, pos * batch_size, batch_size)
         return jax.tree.map(lambda a: a[idx], arrays)
 
