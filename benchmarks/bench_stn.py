@@ -335,8 +335,8 @@ def mnist1d_run_fns(steps: int = MNIST_STEPS):
 
     def cycle_batches(k, c):
         t0 = warmup + c * T_TRAIN
-        tb = lax.map(lambda i: train_fn(jax.random.fold_in(k, i), t0 + i), jnp.arange(T_TRAIN))
-        vb = lax.map(lambda i: val_fn(jax.random.fold_in(k, 100 + i), c), jnp.arange(T_VAL))
+        tb = jax.vmap(lambda i: train_fn(jax.random.fold_in(k, i), t0 + i))(jnp.arange(T_TRAIN))
+        vb = jax.vmap(lambda i: val_fn(jax.random.fold_in(k, 100 + i), c))(jnp.arange(T_VAL))
         return tb, vb
 
     @jax.jit

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 from stn_jax.hparams import HParam, HParamSpace
 from stn_jax.layers import GENERAL, best_response_dense, init_best_response_dense
@@ -336,8 +335,8 @@ def _stn_programs(setup: MLPSetup, init: tuple, delta: bool, linearize: bool, wa
 
         def cycle_batches(k, c):
             t0 = warmup + c * t_train
-            tb = lax.map(lambda i: tf(jax.random.fold_in(k, i), t0 + i), jnp.arange(t_train))
-            vb = lax.map(lambda i: vf(jax.random.fold_in(k_val, c * t_val + i), c), jnp.arange(t_val))
+            tb = jax.vmap(lambda i: tf(jax.random.fold_in(k, i), t0 + i))(jnp.arange(t_train))
+            vb = jax.vmap(lambda i: vf(jax.random.fold_in(k_val, c * t_val + i), c))(jnp.arange(t_val))
             return tb, vb
 
         return unroll(stn.cycle_step, state, None, key=key, num_steps=n, batch_fn=cycle_batches, step_offset=offset)

@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 from stn_jax.hparams import HParam, HParamSpace
 from stn_jax.layers import GENERAL
@@ -295,8 +294,8 @@ def stn_run_fn(setup: MLPSetup, data: Dataset, hparam: str, constants: dict, set
 
         def cycle_batches(k, c):
             t0 = warmup + c * t_train
-            tb = lax.map(lambda i: train_fn(jax.random.fold_in(k, i), t0 + i), jnp.arange(t_train))
-            vb = lax.map(lambda i: val_fn(jax.random.fold_in(k_val, c * t_val + i), c), jnp.arange(t_val))
+            tb = jax.vmap(lambda i: train_fn(jax.random.fold_in(k, i), t0 + i))(jnp.arange(t_train))
+            vb = jax.vmap(lambda i: val_fn(jax.random.fold_in(k_val, c * t_val + i), c))(jnp.arange(t_val))
             return tb, vb
 
         state, m = unroll(stn.cycle_step, state, None, key=jax.random.fold_in(k_run, 1), num_steps=cycles,

@@ -345,20 +345,3 @@ def test_centre_at_init_starts_at_the_plain_network_and_is_stn_only(data):
     assert np.max(np.abs(outs[False] - np.asarray(plain))) > 1e-2
     with pytest.raises(ConfigError, match="centre_at_init"):
         STNConfig(delta=True, centre_at_init=True)
-
-
-def test_cycle_batches_drawn_with_lax_map_are_the_per_step_batches():
-    """The STN cycle draws its t_train training batches with ``lax.map``: the batches are those of
-    the plain run's steps."""
-    import jax.numpy as jnp
-    from jax import lax
-
-    from trainstep.data import minibatch_fn
-
-    x = jnp.arange(40.0).reshape(20, 2)
-    fn = minibatch_fn((x,), 4, key=jax.random.key(1), num_steps=12)
-    t0 = 3
-    drawn = jax.jit(lambda k: lax.map(lambda i: fn(jax.random.fold_in(k, i), t0 + i), jnp.arange(5)))(
-        jax.random.key(2))
-    for i in range(5):
-        np.testing.assert_array_equal(np.asarray(drawn[0][i]), np.asarray(fn(None, t0 + i)[0]))
